@@ -1,0 +1,93 @@
+"""Real dlib detection, 68 landmarks and alignment on real portraits."""
+
+import numpy as np
+import pytest
+
+from unmask_cli.errors import BadInput, UnmaskError
+from unmask_cli.faces import LANDMARKS_68, FaceAligner, model_path, paste_back
+from unmask_cli.fileio import read_image
+
+
+def test_model_is_found_without_importing_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "face_recognition_models", raising=False)
+    path = model_path(LANDMARKS_68)
+    assert path.name == LANDMARKS_68 and path.stat().st_size > 90_000_000
+    assert "face_recognition_models" not in sys.modules
+
+
+def test_model_overrides(monkeypatch, tmp_path):
+    with pytest.raises(UnmaskError, match="not found"):
+        model_path(LANDMARKS_68, tmp_path / "nope.dat")
+    monkeypatch.setenv("UNMASK_LANDMARKS", str(tmp_path / "missing.dat"))
+    with pytest.raises(UnmaskError, match=r"\$UNMASK_LANDMARKS"):
+        FaceAligner()
+    bogus = tmp_path / "bogus.dat"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(UnmaskError, match="bogus.dat"):
+        FaceAligner(landmarks_path=bogus)
+
+
+def test_alignment_puts_eyes_and_mouth_on_the_template(aligner, astronaut, grace_hopper):
+    for image in (astronaut, grace_hopper):
+        (face,) = aligner.faces(image)
+        assert face.image.shape == (128, 128, 3)
+        lm = face.landmarks
+        left_eye, right_eye = lm[36:42].mean(0), lm[42:48].mean(0)
+        mouth = (lm[48] + lm[54]) / 2
+        assert abs(left_eye[1] - right_eye[1]) < 1.0  # roll removed
+        assert 0.18 < (right_eye[0] - left_eye[0]) / 128 <= 0.26  # FFHQ: crop side >= 4x the eye distance
+        assert 0.35 * 128 < left_eye[1] < 0.5 * 128 and 0.6 * 128 < mouth[1] < 0.8 * 128
+        assert abs((left_eye[0] + right_eye[0]) / 2 - 64) < 4
+
+
+def test_rotated_face_is_straightened(aligner, astronaut):
+    import cv2
+
+    matrix = cv2.getRotationMatrix2D((256, 256), 20, 1.0)
+    rotated = cv2.warpAffine(astronaut, matrix, (512, 512), borderMode=cv2.BORDER_REFLECT_101)
+    (face,) = aligner.faces(rotated)
+    lm = face.landmarks
+    assert abs(lm[36:42].mean(0)[1] - lm[42:48].mean(0)[1]) < 2.0
+
+
+def test_no_face_and_too_small(aligner):
+    from skimage.data import coffee
+
+    with pytest.raises(BadInput) as info:
+        aligner.faces(coffee(), "coffee.png")
+    assert info.value.reason == "no face" and "coffee.png" in str(info.value)
+    with pytest.raises(BadInput) as info:
+        aligner.faces(np.zeros((10, 10, 3), np.uint8), "tiny.png")
+    assert info.value.reason == "too small"
+
+
+def test_group_photo_largest_first_and_all_faces(aligner, shared_faces):
+    image = read_image(shared_faces / "obama_and_biden.jpg")
+    faces = aligner.faces(image, all_faces=True)
+    assert len(faces) == 3
+    areas = [f.face.area for f in faces]
+    assert areas == sorted(areas, reverse=True)
+    assert len(aligner.faces(image)) == 1
+
+
+def test_partial_face_uses_border_filling(aligner, shared_faces):
+    (face,) = aligner.faces(read_image(shared_faces / "obama_partial_face.jpg"))
+    assert face.border_fraction > 0.05
+
+
+def test_paste_back_inverts_alignment(aligner, astronaut):
+    (face,) = aligner.faces(astronaut)
+    region = np.zeros((128, 128), bool)
+    region[70:110, 35:95] = True
+    edited = face.image.copy()
+    edited[region] = (0, 255, 0)
+    out = paste_back(astronaut, edited, face.matrix, region)
+    assert out.shape == astronaut.shape
+    changed = np.abs(out.astype(int) - astronaut).sum(2) > 30
+    assert changed.sum() > 500
+    ys, xs = np.nonzero(changed)
+    left, top, right, bottom = face.face.box
+    assert left - 20 < xs.mean() < right + 20 and top < ys.mean() < bottom + 40
+    assert (out[:90] == astronaut[:90]).all()  # far from the face: untouched

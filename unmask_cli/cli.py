@@ -1,0 +1,108 @@
+"""The ``unmask`` command: a thin Typer layer over the shared core (faces, masks, data, models, ...)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from unmask_cli import __version__
+from unmask_cli.errors import UnmaskError
+from unmask_cli.progress import make_progress
+
+app = typer.Typer(
+    name="unmask",
+    help="Remove face masks from photos with a GAN and fill in the hidden face (Din et al., IEEE Access 2020).",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"unmask {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """unmask: prepare paired data, train the GAN, evaluate it, unmask photos."""
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (configs/default.yaml, configs/quick.yaml).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set train.epochs=3 (repeatable).")]
+
+
+@app.command()
+def prepare(
+    source: Annotated[Optional[Path], typer.Option(help="Folder of unmasked face photos (e.g. CelebA img_align_celeba). Default: built-in sample portraits.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (or the sheet PNG with --preview).")] = Path("data/prepared"),
+    num_samples: Annotated[Optional[int], typer.Option(help="Samples to write (faces are reused with fresh masks when there are fewer). Default: prepare.num_samples (256 for the built-in samples).")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Aligned crop size in pixels. Default: prepare.size (256).")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for masks and the split. Default: prepare.seed.")] = None,
+    mask_types: Annotated[Optional[str], typer.Option(help="Mask styles with optional weights, e.g. 'surgical:3,cloth:2,rect'. Default: prepare.mask_types.")] = None,
+    all_faces: Annotated[bool, typer.Option("--all-faces", help="Use every detected face, not just the largest.")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive", help="Also read photos in sub-folders of --source.")] = False,
+    landmarks: Annotated[Optional[Path], typer.Option(help="dlib 68-landmark model file (default: from face-recognition-models, or $UNMASK_LANDMARKS).")] = None,
+    preview: Annotated[Optional[int], typer.Option(help="Write a contact sheet of N random samples to --out (a .png) instead of a dataset.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Synthesise a paired dataset: aligned faces, masked faces and binary mask maps.
+
+    Writes [bold]original_celeba_aligned/[/], [bold]masked_images/[/], [bold]mask_maps/[/], manifest.jsonl
+    (source, box, landmarks, mask, split) and skipped.csv. Resumable: rerun the same command after a kill.
+    """
+    from unmask_cli.config import load_config
+    from unmask_cli.prepare import BUILTIN_DEFAULT_SAMPLES, PrepareOptions, preview as make_preview, run_prepare, summary_table
+
+    cfg = load_config(config, set_ or ())
+    pc = cfg.prepare
+    source = source if source is not None else (Path(pc.source) if pc.source else None)
+    if num_samples is None:
+        num_samples = pc.num_samples if (source is not None or config is not None or set_) else BUILTIN_DEFAULT_SAMPLES
+    opts = PrepareOptions(
+        out=out, source=source, num_samples=num_samples, size=size or pc.size, workers=workers,
+        seed=pc.seed if seed is None else seed, mask_types=mask_types or pc.mask_types,
+        all_faces=all_faces or pc.all_faces, min_face=pc.min_face, upsample=pc.upsample,
+        val_fraction=pc.val_fraction, test_fraction=pc.test_fraction,
+        landmarks_path=str(landmarks) if landmarks else None, recursive=recursive,
+    )
+    if preview is not None:
+        if out.suffix.lower() != ".png":
+            raise UnmaskError("with --preview, --out must be a .png file path", out)
+        count = make_preview(opts, preview, out)
+        console.print(f"preview sheet with {count} samples (original | masked | map): [bold]{out}[/]")
+        return
+    what = f"{source}" if source else "built-in sample portraits (astronaut, grace_hopper; augmented)"
+    console.print(f"preparing {opts.num_samples} samples at {opts.size}px from {what} with {workers} worker(s)")
+    with make_progress(console, unit="faces") as progress:
+        summary = run_prepare(opts, progress)
+    console.print(summary_table(summary))
+    if summary.skipped:
+        console.print(f"skipped sources are listed with reasons in [bold]{out / 'skipped.csv'}[/]")
+
+
+def main() -> None:
+    try:
+        app()
+    except UnmaskError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Typed configuration: dataclass defaults, YAML files (``yaml.safe_load``) and ``--set key=value`` overrides.
+
+Every key is checked: an unknown key or a value of the wrong type is a one-line :class:`ConfigError`
+naming the key and the file (the CLI exits with code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unmask_cli.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared dataset lives (the output of ``unmask prepare``)."""
+
+    root: str = "data/prepared"
+    image_size: int = 256  # training resolution; prepared images of another size are resized
+    num_workers: int = 2  # DataLoader workers
+
+
+@dataclass
+class PrepareConfig:
+    """Dataset synthesis (``unmask prepare``)."""
+
+    source: str | None = None  # folder of unmasked face photos (CelebA img_align_celeba); None = built-in samples
+    num_samples: int = 10000
+    size: int = 256  # aligned crop size
+    mask_types: str = "rect,oval"  # comma list, optional weights: "surgical:3,cloth:2"
+    all_faces: bool = False  # every detected face instead of the largest
+    min_face: int = 32  # smallest usable face box (px, in the source photo)
+    upsample: int = 1  # dlib detector upsampling
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Generator (U-Net) and the two PatchGAN discriminators."""
+
+    ngf: int = 64  # generator base width
+    ndf: int = 64  # discriminator base width
+    max_mult: int = 8  # widths are capped at ngf*max_mult / ndf*max_mult
+    d_layers: int = 3  # PatchGAN strided layers
+    map_module: bool = True  # learn the mask-map module alongside the GAN
+    nmf: int = 32  # map-module base width
+    dropout: float = 0.0  # dropout in the 3 innermost generator decoders (pix2pix uses 0.5); 0 = off
+
+
+@dataclass
+class LossConfig:
+    """errG = lambda_rc*(L1 + (1-SSIM)) + lambda_perc*VGG + lambda_adv_whole*adv_whole + lambda_adv_mask*adv_mask."""
+
+    lambda_rc: float = 100.0
+    lambda_perc: float = 1.0
+    lambda_adv_whole: float = 1.0
+    lambda_adv_mask: float = 1.0
+    lambda_map: float = 1.0  # mask-map module loss (BCE + Dice)
+    # "imagenet": torchvision IMAGENET1K_V1 (standard cache); a path to a features state dict;
+    # "random": random VGG features, only for smoke tests and CPU demos (recorded in every report).
+    vgg_weights: str = "imagenet"
+    vgg_layers: list[int] = field(default_factory=lambda: [3, 8, 15, 22])  # relu1_2 relu2_2 relu3_3 relu4_3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 16
+    lr_g: float = 1e-4
+    lr_d: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    save_interval: int = 10  # also keep epoch_NNN.pt every this many epochs
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: bool = True  # mixed precision on CUDA (ignored elsewhere)
+    num_sample_images: int = 8  # fixed validation faces in samples/epoch_NNN.png
+    max_steps_per_epoch: int = 0  # 0 = the whole training split each epoch
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}", where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of {_type_name(item_tp)}, got {value!r}", where)
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    else:  # pragma: no cover - only the types above are used in the dataclasses
+        raise TypeError(f"unsupported config type {tp!r}")
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})", where)
+
+
+def _unknown(key: str, choices: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(choices)})"
+    return ConfigError(f"unknown config key '{key}'{hint}", where)
+
+
+def _apply(obj: Any, mapping: dict, prefix: str, where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in names:
+            raise _unknown(str(key), names, where)
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping of settings, got {value!r}", where)
+            _apply(current, value, f"{key}.", where)
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key, where))
+
+
+def _validate(cfg: Config, where: str) -> None:
+    checks = [
+        (cfg.data.image_size >= 32 and cfg.data.image_size & (cfg.data.image_size - 1) == 0,
+         "data.image_size must be a power of two >= 32"),
+        (cfg.prepare.size >= 32, "prepare.size must be >= 32"),
+        (cfg.prepare.num_samples >= 1, "prepare.num_samples must be >= 1"),
+        (0 <= cfg.prepare.val_fraction < 1 and 0 <= cfg.prepare.test_fraction < 1
+         and cfg.prepare.val_fraction + cfg.prepare.test_fraction < 1,
+         "prepare.val_fraction + prepare.test_fraction must be in [0, 1)"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.save_interval >= 1, "train.save_interval must be >= 1"),
+        (cfg.train.lr_g > 0 and cfg.train.lr_d > 0, "train.lr_g and train.lr_d must be > 0"),
+        (0 <= cfg.train.beta1 < 1 and 0 <= cfg.train.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
+        (cfg.model.ngf >= 1 and cfg.model.ndf >= 1 and cfg.model.nmf >= 1, "model widths must be >= 1"),
+        (cfg.model.d_layers >= 1, "model.d_layers must be >= 1"),
+        (all(0 <= i <= 29 for i in cfg.loss.vgg_layers) and cfg.loss.vgg_layers == sorted(set(cfg.loss.vgg_layers))
+         and len(cfg.loss.vgg_layers) > 0,
+         "loss.vgg_layers must be increasing indices into vgg16().features (0-29)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message, where)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``; the value is parsed as YAML (safe_load)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value '{raw}' ({err.__class__.__name__})") from err
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``--set`` overrides, all type-checked."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as err:
+            raise ConfigError("config file not found", path) from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config ({err.__class__.__name__}: {err})", path) from err
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"invalid YAML{at}: {getattr(err, 'problem', None) or err}", path) from err
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError("config must be a mapping of sections (data, prepare, model, loss, train)", path)
+        _apply(cfg, data, "", str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), "", f"--set {text}")
+    _validate(cfg, str(path) if path is not None else "config")
+    return cfg
+
+
+def config_from_dict(data: dict, where: str = "checkpoint") -> Config:
+    """Rebuild a Config saved with :meth:`Config.to_dict` (e.g. inside a checkpoint)."""
+    cfg = Config()
+    _apply(cfg, data, "", where)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from unmask_cli.fileio import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

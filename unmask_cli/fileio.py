@@ -1,0 +1,201 @@
+"""Files: robust image reading (any mode, EXIF rotation, 16-bit), atomic writes, image listing.
+
+Every write goes to a temporary file in the destination folder and is renamed into place, so a kill at
+any moment leaves either the old file or the complete new one, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from unmask_cli.errors import BadInput, UnmaskError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+TMP_MARK = ".unmask-tmp-"
+MAX_PIXELS = 120_000_000  # ~11000x11000; larger files are refused, not decoded
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_temp_files(folder: str | os.PathLike) -> int:
+    """Delete temporary files a killed run left in ``folder`` (never complete outputs). Returns how many."""
+    count = 0
+    folder = Path(folder)
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if TMP_MARK in entry.name:
+                entry.unlink(missing_ok=True)
+                count += 1
+    return count
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Files of ``folder`` with an image extension, sorted by name (hidden and temporary files excluded)."""
+    folder = Path(folder)
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p for p in folder.glob(pattern)
+        if p.is_file() and not p.name.startswith(".") and TMP_MARK not in p.name and is_image_name(p)
+    )
+
+
+def list_files(folder: str | os.PathLike) -> list[Path]:
+    """Every visible regular file of ``folder`` (sorted); callers report the non-images as skipped."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.uint32) * 255 + 32767) // 65535
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):  # 32-bit integer modes ("I"): assume 16-bit range if it fits
+        top = 65535 if arr.max(initial=0) > 255 else 255
+        return np.clip(arr.astype(np.float64) * 255.0 / top, 0, 255).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):  # "F" mode: [0,1] or [0,255]
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        return np.clip(arr * 255.0 / top, 0, 255).round().astype(np.uint8)
+    raise BadInput(f"unsupported pixel type {arr.dtype}", reason="unsupported format")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read any image Pillow can decode as an RGB uint8 array (H, W, 3).
+
+    EXIF orientation is applied; grayscale is expanded; alpha is composited over white; 16-bit and
+    float images are scaled to 8 bits. Failures raise :class:`BadInput` naming the file and the reason.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise BadInput(f"cannot read file ({err.strerror or err})", path, "unreadable") from err
+    if size == 0:
+        raise BadInput("empty file (0 bytes)", path, "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise BadInput(
+                        f"image too large ({img.width}x{img.height} > {MAX_PIXELS} pixels)", path, "too large"
+                    )
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _pil_to_rgb(img)
+    except BadInput:
+        raise
+    except PermissionError as err:
+        raise BadInput("permission denied", path, "unreadable") from err
+    except UnidentifiedImageError as err:
+        raise BadInput("not an image or unsupported format", path, "not an image") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadInput("image too large (decompression bomb guard)", path, "too large") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        text = str(err) or err.__class__.__name__
+        reason = "truncated" if "truncated" in text.lower() else "corrupt"
+        raise BadInput(f"corrupt or truncated image ({text})", path, reason) from err
+
+
+def _pil_to_rgb(img) -> np.ndarray:
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    if img.mode in ("RGB",):
+        return np.asarray(img)
+    if img.mode in ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(img.convert("RGB"))
+    # 16-bit / 32-bit / float single channel modes ("I;16", "I;16B", "I", "F")
+    arr = _to_uint8(np.asarray(img))
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def read_mask(path: str | os.PathLike, expected_hw: tuple[int, int] | None = None, binary: bool = True) -> np.ndarray:
+    """Read a mask map as a bool (H, W) array. Must be binary (0 and 255/1 only) unless ``binary=False``."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.exists():
+        raise BadInput("mask map missing", path, "missing mask")
+    rgb = read_image(path)
+    gray = rgb[:, :, 0] if (rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 0] == rgb[:, :, 2]).all() else \
+        np.asarray(Image.fromarray(rgb).convert("L"))
+    if expected_hw is not None and gray.shape != tuple(expected_hw):
+        raise BadInput(
+            f"mask map is {gray.shape[1]}x{gray.shape[0]}, image is {expected_hw[1]}x{expected_hw[0]}",
+            path, "mask size mismatch",
+        )
+    if binary:
+        values = np.unique(gray)
+        if not set(values.tolist()) <= {0, 1, 255}:
+            raise BadInput(f"mask map is not binary ({len(values)} grey levels; expected 0 and 255)", path, "mask not binary")
+    return gray > 127 if gray.max(initial=0) > 1 else gray > 0
+
+
+def encode_image(rgb: np.ndarray, suffix: str = ".png", quality: int = 95) -> bytes:
+    """Encode an RGB (H,W,3) or gray (H,W) uint8 array; ``suffix`` picks the format."""
+    import cv2
+
+    suffix = suffix.lower()
+    arr = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    if suffix in (".jpg", ".jpeg"):
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    elif suffix == ".png":
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    elif suffix == ".webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, quality]
+    else:
+        params = []
+    ok, buf = cv2.imencode(suffix if suffix in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff") else ".png",
+                           arr, params)
+    if not ok:
+        raise UnmaskError(f"cannot encode image as {suffix}")
+    return buf.tobytes()
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
+    """Atomically write an image; the format follows the file extension (PNG is lossless)."""
+    path = Path(path)
+    try:
+        atomic_write_bytes(path, encode_image(rgb, path.suffix or ".png", quality))
+    except OSError as err:
+        raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err

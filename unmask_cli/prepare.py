@@ -1,0 +1,417 @@
+"""``unmask prepare``: synthesise a paired dataset (aligned face, masked face, binary mask map).
+
+Work split: worker processes do everything CPU-heavy (decode, detect, landmarks, align, mask, PNG
+encode) and return encoded bytes; the main process only assigns sample names in source order, writes
+files atomically and appends the manifest. A sample exists once its manifest line is written (after
+its three files), so a rerun after a kill drops orphan files and continues without duplicates.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from unmask_cli import samples
+from unmask_cli.data import (
+    MANIFEST,
+    MASK_DIR,
+    MASKED_DIR,
+    ORIGINAL_DIR,
+    SKIPPED,
+    SUBDIRS,
+    append_manifest,
+    read_manifest,
+    sample_paths,
+    split_of,
+)
+from unmask_cli.errors import BadInput, UnmaskError
+from unmask_cli.fileio import atomic_write_bytes, atomic_write_text, list_files, remove_temp_files
+
+BUILTIN_DEFAULT_SAMPLES = 256
+BUILTIN_VARIANTS = 48  # distinct augmented photos of the built-in portraits
+SETTINGS_FILE = "prepare.json"
+
+
+@dataclass
+class PrepareOptions:
+    out: Path
+    source: Path | None = None  # None = built-in sample portraits
+    num_samples: int = 10000
+    size: int = 256
+    workers: int = 1
+    seed: int = 0
+    mask_types: str = "rect,oval"
+    all_faces: bool = False
+    min_face: int = 32
+    upsample: int = 1
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    landmarks_path: str | None = None
+    recursive: bool = False
+
+
+@dataclass
+class PrepareSummary:
+    out: str
+    requested: int
+    total: int = 0  # complete samples in the folder at the end
+    written: int = 0  # written by this run
+    resumed_from: int = 0  # complete samples found at the start
+    faces: int = 0  # distinct faces (non-reused samples)
+    reused: int = 0  # samples that reuse a face with a fresh mask
+    sources_seen: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    splits: dict[str, int] = field(default_factory=dict)
+    styles: dict[str, int] = field(default_factory=dict)
+    orphans_removed: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------- workers
+_WORKER: dict = {}
+
+
+def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face: int, weights, parent_dies: bool) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    if parent_dies and sys.platform.startswith("linux"):  # do not outlive a killed parent
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if "aligner" not in _WORKER or _WORKER["aligner"].size != size:
+        from unmask_cli.faces import FaceAligner
+
+        _WORKER["aligner"] = FaceAligner(size, landmarks_path, upsample=upsample, min_face=min_face)
+    _WORKER["weights"] = weights
+
+
+def _mask_rng(seed: int, key: str, face_index: int, round_: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}|{key}|{face_index}|{round_}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from unmask_cli.fileio import encode_image
+
+    return encode_image(rgb, ".png")
+
+
+def _render(aligned_rgb: np.ndarray, aligned_lm: np.ndarray, seed: int, key: str, face_index: int, round_: int):
+    from unmask_cli.masks import synthesize
+
+    result = synthesize(aligned_rgb, aligned_lm, _WORKER["weights"], _mask_rng(seed, key, face_index, round_))
+    return (
+        _png(aligned_rgb), _png(result.masked), _png(result.mask.astype(np.uint8) * 255),
+        {"style": result.style, **result.params},
+    )
+
+
+def _load_source(key: str, path: str | None) -> np.ndarray:
+    from unmask_cli.fileio import read_image
+
+    return samples.load_variant(key) if samples.is_builtin(key) else read_image(path)
+
+
+def _process_source(task: tuple) -> dict:
+    """Detect, align and mask the faces of one source photo. Never raises for a bad input."""
+    key, path, seed, all_faces = task
+    try:
+        image = _load_source(key, path)
+        faces = _WORKER["aligner"].faces(image, path or key, all_faces=all_faces)
+        out = []
+        for index, face in enumerate(faces):
+            files = _render(face.image, face.landmarks, seed, key, index, 0)
+            out.append({
+                "face_index": index,
+                "box": [int(v) for v in face.face.box],
+                "landmarks": np.round(face.face.landmarks, 2).tolist(),
+                "aligned_landmarks": np.round(face.landmarks, 2).tolist(),
+                "matrix": np.round(face.matrix, 6).tolist(),
+                "border_fraction": round(face.border_fraction, 4),
+                "files": files,
+            })
+        return {"key": key, "faces": out}
+    except BadInput as err:
+        return {"key": key, "skip": (err.reason, str(err))}
+    except MemoryError:
+        return {"key": key, "skip": ("too large", f"{path}: out of memory while decoding")}
+
+
+def _process_reuse(task: tuple) -> dict:
+    """A fresh mask on an already aligned face (when there are fewer faces than samples)."""
+    from unmask_cli.fileio import read_image
+
+    record, round_, root, seed = task
+    original = read_image(Path(root) / ORIGINAL_DIR / f"{record['stem']}.png")
+    lm = np.asarray(record["aligned_landmarks"], dtype=np.float64)
+    files = _render(original, lm, seed, record["source"], record["face_index"], round_)
+    return {"key": record["source"], "faces": [{**{k: record[k] for k in (
+        "face_index", "box", "landmarks", "aligned_landmarks", "matrix", "border_fraction")},
+        "files": files, "reuse_of": record["stem"], "round": round_}]}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _source_items(opts: PrepareOptions) -> list[tuple[str, str | None]]:
+    if opts.source is None:
+        return [(key, None) for key in samples.sample_keys(BUILTIN_VARIANTS)]
+    source = Path(opts.source)
+    if not source.exists():
+        raise UnmaskError("source folder not found", source)
+    if not source.is_dir():
+        raise UnmaskError("source is not a folder", source)
+    files = sorted(p for p in source.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(source).parts)) if opts.recursive else list_files(source)
+    if not files:
+        raise UnmaskError("source folder is empty", source)
+    return [(p.relative_to(source).as_posix(), str(p)) for p in files]
+
+
+def _read_skipped(root: Path) -> dict[str, tuple[str, str]]:
+    path = root / SKIPPED
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text and not text.endswith("\n"):  # a kill during an append: drop the partial row
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    rows = list(csv.reader(io.StringIO(text)))
+    return {r[0]: (r[1], r[2]) for r in rows[1:] if len(r) == 3}
+
+
+def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
+    path = root / SKIPPED
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if not path.exists():
+        writer.writerow(["source", "reason", "detail"])
+    writer.writerow([key, reason, detail])
+    with open(path, "a", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _settings(opts: PrepareOptions) -> dict:
+    return {"size": opts.size, "seed": opts.seed, "mask_types": opts.mask_types, "all_faces": opts.all_faces,
+            "source": str(opts.source) if opts.source else "builtin", "val_fraction": opts.val_fraction,
+            "test_fraction": opts.test_fraction}
+
+
+def _check_resume(root: Path, opts: PrepareOptions, have: int) -> None:
+    path = root / SETTINGS_FILE
+    if not path.exists() or have == 0:
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+    except (ValueError, OSError) as err:
+        raise UnmaskError(f"cannot read previous run settings ({err})", path) from err
+    new = _settings(opts)
+    changed = [k for k in ("size", "seed", "mask_types", "all_faces", "source") if k in old and old[k] != new[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise UnmaskError(f"output folder holds a dataset prepared with other settings ({detail}); "
+                          "use another --out or the same settings", root)
+
+
+def _clean_orphans(root: Path, records: list[dict]) -> int:
+    """Remove temp files and sample files that have no manifest line (a kill between write and append)."""
+    known = {r["stem"] for r in records}
+    removed = 0
+    for sub in SUBDIRS:
+        folder = root / sub
+        removed += remove_temp_files(folder)
+        for entry in folder.iterdir():
+            if entry.suffix == ".png" and entry.stem not in known:
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+class _Pool:
+    """imap over a process pool (workers > 1) or in this process (workers == 1), same worker code."""
+
+    def __init__(self, workers: int, initargs: tuple):
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
+            if method == "fork":  # load dlib models once; children share them copy-on-write
+                _init_worker(*initargs[:-1], False)
+            self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, initargs)
+        else:
+            _init_worker(*initargs[:-1], False)
+
+    def imap(self, fn, tasks):
+        if self.pool is None:
+            return map(fn, tasks)
+        return self.pool.imap(fn, tasks, chunksize=2)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def run_prepare(opts: PrepareOptions, progress=None) -> PrepareSummary:
+    """Run (or resume) dataset synthesis. ``progress`` is a rich Progress (optional)."""
+    from unmask_cli.masks import parse_mask_types
+
+    weights = parse_mask_types(opts.mask_types)
+    if opts.num_samples < 1:
+        raise UnmaskError("--num-samples must be >= 1")
+    if opts.workers < 1:
+        raise UnmaskError("--workers must be >= 1")
+    items = _source_items(opts)
+    root = Path(opts.out)
+    if root.exists() and not root.is_dir():
+        raise UnmaskError("output exists and is not a folder", root)
+    if opts.source is not None and root.resolve().is_relative_to(Path(opts.source).resolve()):
+        raise UnmaskError("output folder must not be inside the source folder", root)
+    for sub in SUBDIRS:
+        (root / sub).mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    records = read_manifest(root, repair=True)
+    _check_resume(root, opts, len(records))
+    summary = PrepareSummary(out=str(root), requested=opts.num_samples, resumed_from=len(records))
+    summary.orphans_removed = _clean_orphans(root, records)
+    atomic_write_text(root / SETTINGS_FILE, json.dumps({"settings": _settings(opts), "status": "running"}, indent=2))
+    skipped = _read_skipped(root)
+    done_sources = {r["source"] for r in records}
+    pending = [(k, p) for k, p in items if k not in done_sources and k not in skipped]
+
+    task = progress.add_task("prepare", total=opts.num_samples, completed=min(len(records), opts.num_samples)) \
+        if progress is not None else None
+
+    def commit(result: dict) -> bool:
+        """Write one source's samples; True when the target count is reached."""
+        if "skip" in result:
+            reason, detail = result["skip"]
+            _append_skipped(root, result["key"], reason, detail)
+            skipped[result["key"]] = (reason, detail)
+            return False
+        for face in result["faces"]:
+            if len(records) >= opts.num_samples:
+                return True
+            stem = f"{len(records):06d}"
+            for path, data in zip(sample_paths(root, stem), face["files"][:3]):
+                atomic_write_bytes(path, data)
+            record = {
+                "stem": stem, "source": result["key"],
+                **{k: v for k, v in face.items() if k != "files"},
+                "size": opts.size, "mask": face["files"][3],
+                "split": split_of(result["key"], opts.val_fraction, opts.test_fraction, opts.seed),
+                "reused": "reuse_of" in face,
+            }
+            append_manifest(root, [record])
+            records.append(record)
+            summary.written += 1
+            if progress is not None:
+                progress.update(task, completed=len(records))
+        return len(records) >= opts.num_samples
+
+    initargs = (opts.size, opts.landmarks_path, opts.upsample, opts.min_face, weights, True)
+    pool = _Pool(opts.workers, initargs)
+    try:
+        if len(records) < opts.num_samples and pending:
+            tasks = ((k, p, opts.seed, opts.all_faces) for k, p in pending)
+            for result in pool.imap(_process_source, tasks):
+                summary.sources_seen += 1
+                if commit(result):
+                    break
+        base = [r for r in records if not r.get("reused")]
+        if len(records) < opts.num_samples:
+            if not base:
+                raise UnmaskError(f"no usable face in {len(items)} source file(s); see {root / SKIPPED}", opts.source)
+            tasks = (
+                (base[(j - len(base)) % len(base)], 1 + (j - len(base)) // len(base), str(root), opts.seed)
+                for j in range(len(records), opts.num_samples)
+            )
+            for result in pool.imap(_process_reuse, tasks):
+                if commit(result):
+                    break
+    finally:
+        pool.close()
+
+    summary.seconds = time.perf_counter() - start
+    summary.total = len(records)
+    summary.faces = sum(1 for r in records if not r.get("reused"))
+    summary.reused = summary.total - summary.faces
+    summary.skipped = dict(Counter(reason for reason, _ in skipped.values()))
+    summary.splits = dict(Counter(r["split"] for r in records))
+    summary.styles = dict(Counter(r["mask"]["style"] for r in records))
+    atomic_write_text(root / SETTINGS_FILE, json.dumps(
+        {"settings": _settings(opts), "status": "complete", "summary": asdict(summary)}, indent=2))
+    return summary
+
+
+def summary_table(summary: PrepareSummary):
+    from rich.table import Table
+
+    table = Table(title=f"unmask prepare -> {summary.out}", show_header=True)
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("samples in folder", f"{summary.total} / {summary.requested} requested")
+    table.add_row("written by this run", str(summary.written))
+    if summary.resumed_from:
+        table.add_row("already there (resumed)", str(summary.resumed_from))
+    table.add_row("distinct faces", str(summary.faces))
+    if summary.reused:
+        table.add_row("[yellow]faces reused with fresh masks[/]",
+                      f"[yellow]{summary.reused} (only {summary.faces} usable faces)[/]")
+    for reason, count in sorted(summary.skipped.items()):
+        table.add_row(f"skipped: {reason}", str(count))
+    table.add_row("splits", ", ".join(f"{k} {v}" for k, v in sorted(summary.splits.items())))
+    table.add_row("mask styles", ", ".join(f"{k} {v}" for k, v in sorted(summary.styles.items())))
+    table.add_row("time", f"{summary.seconds:.1f} s ({summary.rate:.1f} samples/s)")
+    return table
+
+
+def preview(opts: PrepareOptions, count: int, sheet_path: Path) -> int:
+    """Write a contact sheet of ``count`` random samples (original | masked | map) without a dataset."""
+    from unmask_cli.fileio import write_image
+    from unmask_cli.masks import parse_mask_types, preview_sheet
+
+    weights = parse_mask_types(opts.mask_types)
+    _init_worker(opts.size, opts.landmarks_path, opts.upsample, opts.min_face, weights, False)
+    items = _source_items(opts)
+    rng = np.random.default_rng(opts.seed)
+    order = rng.permutation(len(items))
+    rows = []
+    for index in order:
+        key, path = items[index]
+        try:
+            faces = _WORKER["aligner"].faces(_load_source(key, path), path or key, all_faces=opts.all_faces)
+        except BadInput:
+            continue
+        for face_index, face in enumerate(faces):
+            from unmask_cli.masks import synthesize
+
+            result = synthesize(face.image, face.landmarks, weights, _mask_rng(opts.seed, key, face_index, 0))
+            rows.append((face.image, result.masked, result.mask))
+        if len(rows) >= count:
+            break
+    if not rows:
+        raise UnmaskError("no usable face found for the preview", opts.source)
+    write_image(sheet_path, preview_sheet(rows[:count]))
+    return len(rows[:count])
