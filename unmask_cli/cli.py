@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -38,23 +38,23 @@ def _root(
     """unmask: prepare paired data, train the GAN, evaluate it, unmask photos."""
 
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (configs/default.yaml, configs/quick.yaml).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set train.epochs=3 (repeatable).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/default.yaml, configs/quick.yaml).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set train.epochs=3 (repeatable).")]
 
 
 @app.command()
 def prepare(
-    source: Annotated[Optional[Path], typer.Option(help="Folder of unmasked face photos (e.g. CelebA img_align_celeba). Default: built-in sample portraits.")] = None,
+    source: Annotated[Path | None, typer.Option(help="Folder of unmasked face photos (e.g. CelebA img_align_celeba). Default: built-in sample portraits.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder (or the sheet PNG with --preview).")] = Path("data/prepared"),
-    num_samples: Annotated[Optional[int], typer.Option(help="Samples to write (faces are reused with fresh masks when there are fewer). Default: prepare.num_samples (256 for the built-in samples).")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Aligned crop size in pixels. Default: prepare.size (256).")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Samples to write (faces are reused with fresh masks when there are fewer). Default: prepare.num_samples (256 for the built-in samples).")] = None,
+    size: Annotated[int | None, typer.Option(help="Aligned crop size in pixels. Default: prepare.size (256).")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for masks and the split. Default: prepare.seed.")] = None,
-    mask_types: Annotated[Optional[str], typer.Option(help="Mask styles with optional weights, e.g. 'surgical:3,cloth:2,rect'. Default: prepare.mask_types.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for masks and the split. Default: prepare.seed.")] = None,
+    mask_types: Annotated[str | None, typer.Option(help="Mask styles with optional weights, e.g. 'surgical:3,cloth:2,rect'. Default: prepare.mask_types.")] = None,
     all_faces: Annotated[bool, typer.Option("--all-faces", help="Use every detected face, not just the largest.")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", help="Also read photos in sub-folders of --source.")] = False,
-    landmarks: Annotated[Optional[Path], typer.Option(help="dlib 68-landmark model file (default: from face-recognition-models, or $UNMASK_LANDMARKS).")] = None,
-    preview: Annotated[Optional[int], typer.Option(help="Write a contact sheet of N random samples to --out (a .png) instead of a dataset.")] = None,
+    landmarks: Annotated[Path | None, typer.Option(help="dlib 68-landmark model file (default: from face-recognition-models, or $UNMASK_LANDMARKS).")] = None,
+    preview: Annotated[int | None, typer.Option(help="Write a contact sheet of N random samples to --out (a .png) instead of a dataset.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -64,7 +64,8 @@ def prepare(
     (source, box, landmarks, mask, split) and skipped.csv. Resumable: rerun the same command after a kill.
     """
     from unmask_cli.config import load_config
-    from unmask_cli.prepare import BUILTIN_DEFAULT_SAMPLES, PrepareOptions, preview as make_preview, run_prepare, summary_table
+    from unmask_cli.prepare import BUILTIN_DEFAULT_SAMPLES, PrepareOptions, run_prepare, summary_table
+    from unmask_cli.prepare import preview as make_preview
 
     cfg = load_config(config, set_ or ())
     pc = cfg.prepare

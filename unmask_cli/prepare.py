@@ -24,9 +24,6 @@ import numpy as np
 
 from unmask_cli import samples
 from unmask_cli.data import (
-    MANIFEST,
-    MASK_DIR,
-    MASKED_DIR,
     ORIGINAL_DIR,
     SKIPPED,
     SUBDIRS,
@@ -314,7 +311,7 @@ def run_prepare(opts: PrepareOptions, progress=None) -> PrepareSummary:
             if len(records) >= opts.num_samples:
                 return True
             stem = f"{len(records):06d}"
-            for path, data in zip(sample_paths(root, stem), face["files"][:3]):
+            for path, data in zip(sample_paths(root, stem), face["files"][:3], strict=True):
                 atomic_write_bytes(path, data)
             record = {
                 "stem": stem, "source": result["key"],

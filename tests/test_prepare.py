@@ -1,0 +1,190 @@
+"""`unmask prepare` on real photos: triplets, manifest, skips, reuse, resume after a kill."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_jpeg
+from PIL import Image
+
+from unmask_cli.data import MASK_DIR, MASKED_DIR, ORIGINAL_DIR, read_manifest
+from unmask_cli.errors import UnmaskError
+from unmask_cli.fileio import TMP_MARK, read_image, read_mask
+from unmask_cli.prepare import PrepareOptions, run_prepare
+
+
+def check_dataset(root: Path, count: int, size: int) -> list[dict]:
+    """Exactly ``count`` complete triplets, masked == original outside the map, no stray files."""
+    records = read_manifest(root)
+    stems = [r["stem"] for r in records]
+    assert stems == [f"{i:06d}" for i in range(count)]
+    for sub in (ORIGINAL_DIR, MASKED_DIR, MASK_DIR):
+        names = sorted(p.name for p in (root / sub).iterdir())
+        assert names == [f"{s}.png" for s in stems], sub
+    for stem in stems:
+        original = read_image(root / ORIGINAL_DIR / f"{stem}.png")
+        masked = read_image(root / MASKED_DIR / f"{stem}.png")
+        mask = read_mask(root / MASK_DIR / f"{stem}.png", (size, size))
+        assert original.shape == (size, size, 3)
+        assert (masked[~mask] == original[~mask]).all()
+        assert 0.03 < mask.mean() < 0.6
+        assert (masked[mask] != original[mask]).any(axis=-1).mean() > 0.5
+    return records
+
+
+@pytest.fixture
+def source_dir(tmp_path, astronaut, grace_hopper):
+    from skimage.data import coffee
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jpeg(src / "astronaut.jpg", astronaut)
+    Image.fromarray(grace_hopper).save(src / "hopper.png")
+    write_jpeg(src / "coffee.jpg", coffee())  # real photo, no face
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "notes.jpg").write_text("not a picture\n")
+    data = (src / "astronaut.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    Image.fromarray(np.full((10, 10, 3), 128, np.uint8)).save(src / "tiny.png")
+    return src
+
+
+def test_builtin_default_runs_offline(tmp_path):
+    summary = run_prepare(PrepareOptions(out=tmp_path / "p", num_samples=10, size=64))
+    records = check_dataset(tmp_path / "p", 10, 64)
+    assert summary.written == 10 and summary.faces == 10 and not summary.skipped
+    assert {r["source"].split("#")[0] for r in records} == {"builtin:astronaut", "builtin:grace_hopper"}
+    record = records[0]
+    assert len(record["landmarks"]) == 68 and len(record["aligned_landmarks"]) == 68
+    assert record["mask"]["style"] in ("rect", "oval") and record["split"] in ("train", "val", "test")
+
+
+def test_folder_with_bad_files_skips_and_reuses(tmp_path, source_dir):
+    out = tmp_path / "out"
+    summary = run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=5, size=64, workers=2))
+    records = check_dataset(out, 5, 64)
+    assert summary.faces == 2 and summary.reused == 3
+    assert [r["reused"] for r in records] == [False, False, True, True, True]
+    # reused samples keep the face, get a fresh mask
+    for r in records[2:]:
+        base = next(b for b in records[:2] if b["source"] == r["source"])
+        assert (read_image(out / ORIGINAL_DIR / f"{r['stem']}.png") == read_image(out / ORIGINAL_DIR / f"{base['stem']}.png")).all()
+        assert r["mask"] != base["mask"]
+    with open(out / "skipped.csv", newline="") as handle:
+        rows = {row["source"]: row for row in csv.DictReader(handle)}
+    assert {k: v["reason"] for k, v in rows.items()} == {
+        "coffee.jpg": "no face",
+        "empty.jpg": "empty file",
+        "notes.jpg": "not an image",
+        "truncated.jpg": "truncated",
+        "tiny.png": "too small",
+    }
+    assert all(k in v["detail"] for k, v in rows.items())
+    assert summary.skipped == {"no face": 1, "empty file": 1, "not an image": 1, "truncated": 1, "too small": 1}
+    # the split follows the source photo
+    by_source = {}
+    for r in records:
+        by_source.setdefault(r["source"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_source.values())
+
+
+def test_rerun_continues_without_duplicates(tmp_path, source_dir):
+    out = tmp_path / "out"
+    run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=3, size=64))
+    first = read_manifest(out)
+    # simulate a kill: an orphan triplet file, a temp file and a partial manifest line
+    (out / MASKED_DIR / "000003.png").write_bytes(b"orphan")
+    (out / ORIGINAL_DIR / f".000003.png{TMP_MARK}x").write_bytes(b"partial")
+    with open(out / "manifest.jsonl", "a") as handle:
+        handle.write('{"stem": "000003", "sou')
+    summary = run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=6, size=64))
+    records = check_dataset(out, 6, 64)
+    assert records[:3] == first
+    assert summary.resumed_from == 3 and summary.written == 3 and summary.orphans_removed == 2
+    again = run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=6, size=64))
+    assert again.written == 0 and read_manifest(out) == records
+    with pytest.raises(UnmaskError, match="other settings"):
+        run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=6, size=128))
+
+
+def test_deterministic(tmp_path, source_dir):
+    a = run_prepare(PrepareOptions(out=tmp_path / "a", source=source_dir, num_samples=4, size=64, workers=1))
+    b = run_prepare(PrepareOptions(out=tmp_path / "b", source=source_dir, num_samples=4, size=64, workers=2))
+    assert a.total == b.total == 4
+    for sub in (ORIGINAL_DIR, MASKED_DIR, MASK_DIR):
+        for i in range(4):
+            assert (tmp_path / "a" / sub / f"{i:06d}.png").read_bytes() == (tmp_path / "b" / sub / f"{i:06d}.png").read_bytes()
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(UnmaskError, match="source folder not found"):
+        run_prepare(PrepareOptions(out=tmp_path / "o", source=tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnmaskError, match="source folder is empty"):
+        run_prepare(PrepareOptions(out=tmp_path / "o", source=tmp_path / "empty"))
+    (tmp_path / "noface").mkdir()
+    (tmp_path / "noface" / "a.jpg").write_text("x")
+    with pytest.raises(UnmaskError, match="no usable face"):
+        run_prepare(PrepareOptions(out=tmp_path / "o2", source=tmp_path / "noface"))
+    with pytest.raises(UnmaskError, match="inside the source"):
+        run_prepare(PrepareOptions(out=tmp_path / "noface" / "out", source=tmp_path / "noface"))
+    with pytest.raises(UnmaskError, match="unknown mask type"):
+        run_prepare(PrepareOptions(out=tmp_path / "o3", mask_types="rect,balaclava"))
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unmask_cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_cli_prepare_and_errors(tmp_path):
+    result = _cli("prepare", "--out", str(tmp_path / "p"), "--num-samples", "4", "--size", "64")
+    assert result.returncode == 0, result.stderr
+    assert "samples in folder" in result.stdout and "4 / 4 requested" in result.stdout
+    check_dataset(tmp_path / "p", 4, 64)
+    bad = _cli("prepare", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "q"))
+    assert bad.returncode == 1
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "nope" in lines[0] and "not found" in lines[0]
+    typo = _cli("prepare", "--set", "prepare.num_sample=3", "--out", str(tmp_path / "q"))
+    assert typo.returncode == 2 and "prepare.num_sample" in typo.stderr
+
+
+def test_kill_and_rerun_gives_exact_count(tmp_path):
+    """SIGKILL the CLI mid-run (2 workers), rerun: exactly N complete triplets, nothing partial."""
+    out = tmp_path / "p"
+    args = ["prepare", "--out", str(out), "--num-samples", "24", "--size", "64", "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "unmask_cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    manifest = out / "manifest.jsonl"
+    while time.time() < deadline and (not manifest.exists() or manifest.read_bytes().count(b"\n") < 5):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 5 <= len(read_manifest(out)) < 24
+    result = _cli(*args)
+    assert result.returncode == 0, result.stderr
+    check_dataset(out, 24, 64)
+    assert not [p for p in out.rglob("*") if TMP_MARK in p.name]
+
+
+def test_shared_faces_group_photos(tmp_path, shared_faces):
+    out = tmp_path / "shared"
+    summary = run_prepare(PrepareOptions(out=out, source=shared_faces, num_samples=40, size=256, workers=2))
+    records = check_dataset(out, 40, 256)
+    assert summary.faces == 13 and not summary.skipped  # one face per photo, the 63 px face included
+    groups = [r for r in records if r["source"] in ("obama_and_biden.jpg", "two_people.jpg") and not r["reused"]]
+    assert len(groups) == 2
+    summary_all = run_prepare(PrepareOptions(out=tmp_path / "all", source=shared_faces, num_samples=16, size=64,
+                                             all_faces=True))
+    assert summary_all.faces == 16  # 13 photos, +2 and +1 extra faces in the group photos
+    json.loads((tmp_path / "all" / "prepare.json").read_text())["summary"]
