@@ -4,11 +4,18 @@ import os
 
 import numpy as np
 import pytest
+from conftest import write_jpeg
 from PIL import Image
 
-from conftest import write_jpeg
 from unmask_cli.errors import BadInput
-from unmask_cli.fileio import atomic_write_bytes, list_images, read_image, read_mask, remove_temp_files, write_image
+from unmask_cli.fileio import (
+    atomic_write_bytes,
+    list_images,
+    read_image,
+    read_mask,
+    remove_temp_files,
+    write_image,
+)
 
 
 def test_modes_are_normalised_to_rgb(tmp_path, astronaut):
