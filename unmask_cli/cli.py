@@ -94,6 +94,39 @@ def prepare(
         console.print(f"skipped sources are listed with reasons in [bold]{out / 'skipped.csv'}[/]")
 
 
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    data: Annotated[Path | None, typer.Option(help="Prepared dataset folder. Default: data.root of the config.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name: outputs go to RUNS/NAME/. Default: the config file's stem.")] = None,
+    runs: Annotated[Path, typer.Option(help="Folder holding the run folders.")] = Path("runs"),
+    resume: Annotated[Path | None, typer.Option(help="Continue from this checkpoint (default: RUNS/NAME/last.pt when it exists).")] = None,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Start fresh (refused if the run folder already has checkpoints).")] = False,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps (default: train.device).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the U-Net generator against two PatchGAN discriminators (+ the mask-map module).
+
+    Writes [bold]RUNS/NAME/[/]: config.yaml, meta.json, metrics.csv, samples/epoch_NNN.png, last.pt, best.pt and
+    epoch_NNN.pt every save_interval epochs. Rerunning the same command resumes exactly where it stopped;
+    Ctrl-C saves and exits.
+    """
+    from unmask_cli.config import load_config
+    from unmask_cli.training import train as run_train
+
+    if resume is not None and no_resume:
+        raise UnmaskError("--resume and --no-resume exclude each other")
+    cfg = load_config(config, set_ or ())
+    run_name = name or (config.stem if config is not None else "default")
+    summary = run_train(
+        cfg, runs / run_name, data if data is not None else Path(cfg.data.root),
+        resume=None if no_resume else (resume if resume is not None else "auto"),
+        device_spec=device, console=console,
+    )
+    if summary.status == "interrupted":
+        raise typer.Exit(130)
+
+
 def main() -> None:
     try:
         app()
