@@ -93,3 +93,41 @@ def load_variant(key: str) -> np.ndarray:
     image = (image - 128.0) * contrast + 128.0 + brightness
     image *= colour
     return np.ascontiguousarray(np.clip(image, 0, 255).round().astype(np.uint8))
+
+
+def write_masked_photos(out_dir: str | Path, count: int = 4, mask_types: str = "surgical,n95,kn95,cloth",
+                        seed: int = 0) -> list[Path]:
+    """Whole photos with synthetic masks drawn over each face (for demos of ``unmask infer``).
+
+    Masks are rendered in photo coordinates from the photo's own landmarks. Writes ``NAME.jpg`` photos
+    and ``masks/NAME.png`` maps (the ground truth, usable with ``unmask infer --masks``).
+    """
+    from unmask_cli.faces import FaceAligner
+    from unmask_cli.fileio import write_image
+    from unmask_cli.masks import parse_mask_types, synthesize
+
+    out_dir = Path(out_dir)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    aligner = FaceAligner()
+    weights = parse_mask_types(mask_types)
+    rng = np.random.default_rng(seed)
+    written = []
+    for key in sample_keys(count):
+        photo = load_variant(key)
+        mask = np.zeros(photo.shape[:2], bool)
+        for face in aligner.detect(photo)[:1]:  # the portrait; reflections can hold false detections
+            result = synthesize(photo, face.landmarks, weights, rng)
+            photo, mask = result.masked, mask | result.mask
+        name = key[len(PREFIX):].replace("#", "_")
+        write_image(out_dir / f"{name}.jpg", photo)
+        write_image(out_dir / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
+        written.append(out_dir / f"{name}.jpg")
+    return written
+
+
+if __name__ == "__main__":  # python -m unmask_cli.samples OUT_DIR [COUNT]
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "demo/photos"
+    paths = write_masked_photos(target, int(sys.argv[2]) if len(sys.argv) > 2 else 4)
+    print(f"wrote {len(paths)} masked sample photos to {target}/ (ground-truth maps in {target}/masks/)")
