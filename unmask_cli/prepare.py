@@ -161,7 +161,13 @@ def _process_reuse(task: tuple) -> dict:
     record, round_, root, seed = task
     original = read_image(Path(root) / ORIGINAL_DIR / f"{record['stem']}.png")
     lm = np.asarray(record["aligned_landmarks"], dtype=np.float64)
-    files = _render(original, lm, seed, record["source"], record["face_index"], round_)
+    for attempt in range(8):  # a jittered mask can (rarely) leave the crop: draw another, deterministically
+        try:
+            files = _render(original, lm, seed, record["source"], record["face_index"], round_ + 1000 * attempt)
+            break
+        except BadInput:
+            if attempt == 7:
+                raise
     return {"key": record["source"], "faces": [{**{k: record[k] for k in (
         "face_index", "box", "landmarks", "aligned_landmarks", "matrix", "border_fraction")},
         "files": files, "reuse_of": record["stem"], "round": round_}]}
