@@ -1,0 +1,477 @@
+"""``unmask infer`` end to end on real portraits with synthetic masks and a tiny (untrained) checkpoint.
+
+The checkpoint is written with ``save_checkpoint`` in the training payload format (64 px, ngf 8, nmf 8,
+map module on). An untrained generator outputs ~mid-grey, far from the blue mask colour used here, so
+"the pixels inside each mask changed" proves every masked face went through the network; the map
+module's head bias is set to +-10 to make its prediction deterministic (all masked / nothing masked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unmask_cli.errors import UnmaskError
+from unmask_cli.fileio import read_image, read_mask
+from unmask_cli.inference import fold_batchnorm, run_infer, summary_table
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MASK_RGB = (40, 90, 210)  # far from the ~mid-grey output of an untrained generator
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+def _randomise_bn(net: torch.nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BatchNorm statistics, as after training (so folding them is really tested)."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.05)
+            m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+            m.weight.data.copy_(1 + torch.randn(n, generator=gen) * 0.1)
+            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.05)
+
+
+def _write_checkpoint(path: Path, map_module: bool = True, map_bias: float | None = None) -> Path:
+    from unmask_cli.checkpoints import save_checkpoint
+    from unmask_cli.config import Config
+    from unmask_cli.models import build_networks
+
+    cfg = Config()
+    cfg.data.image_size = 64
+    cfg.model.ngf = cfg.model.ndf = cfg.model.nmf = 8
+    cfg.model.map_module = map_module
+    cfg.loss.vgg_weights = "random"
+    torch.manual_seed(0)
+    nets = build_networks(cfg)
+    gen = torch.Generator().manual_seed(1)
+    for net in nets.values():
+        _randomise_bn(net, gen)
+    if map_bias is not None:
+        nets["M"].head.bias.data.fill_(map_bias)
+    save_checkpoint(path, {
+        "epoch": 1, "samples_in_epoch": 0, "global_step": 1, "best_psnr": 0.0, "best_epoch": 0,
+        "epoch_stats": {}, "config": cfg.to_dict(), "vgg": "random",
+        "networks": {k: v.state_dict() for k, v in nets.items()},
+    })
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "plain": _write_checkpoint(root / "plain.pt"),
+        "no_map": _write_checkpoint(root / "no_map.pt", map_module=False),
+        "map_all": _write_checkpoint(root / "map_all.pt", map_bias=10.0),
+        "map_none": _write_checkpoint(root / "map_none.pt", map_bias=-10.0),
+    }
+
+
+@pytest.fixture(scope="module")
+def aligner():
+    from unmask_cli.inference import _aligner
+
+    return _aligner(None)
+
+
+def _mask_polygon(landmarks: np.ndarray) -> np.ndarray:
+    """A surgical-mask-like polygon: the jaw line (points 1-15) closed over the nose bridge (point 28)."""
+    return np.concatenate([landmarks[1:16], landmarks[[28]]]).round().astype(np.int32)
+
+
+def _draw_masks(image: np.ndarray, polygons: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    masked, mask = image.copy(), np.zeros(image.shape[:2], np.uint8)
+    for poly in polygons:
+        cv2.fillPoly(masked, [poly], MASK_RGB)
+        cv2.fillPoly(mask, [poly], 255)
+    return masked, mask
+
+
+def _masked_photo(aligner, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list]:
+    """Mask every face found on the unmasked photo: (masked, map 0/255, per-face polygons, faces)."""
+    faces = aligner.detect(image)
+    polys = [_mask_polygon(f.landmarks) for f in faces]
+    masked, mask = _draw_masks(image, polys)
+    return masked, mask, polys, faces
+
+
+def _png(path: Path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path, compress_level=1)
+    return path
+
+
+def _jpeg(path: Path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path, quality=92)
+    return path
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _far_from(mask: np.ndarray, distance: float) -> np.ndarray:
+    """Pixels farther than ``distance`` px from every masked pixel."""
+    import cv2
+
+    return cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 5) > distance
+
+
+def _poly_region(shape: tuple[int, int], poly: np.ndarray, erode: int = 3) -> np.ndarray:
+    import cv2
+
+    region = np.zeros(shape, np.uint8)
+    cv2.fillPoly(region, [poly], 1)
+    return cv2.erode(region, np.ones((2 * erode + 1,) * 2, np.uint8)) > 0
+
+
+def _check_photo(inp: np.ndarray, out: np.ndarray, mask: np.ndarray, polys, faces) -> None:
+    """Same size, untouched far from the masks, every masked face changed inside its mask."""
+    assert out.shape == inp.shape
+    face_width = max(f.box[2] - f.box[0] for f in faces)
+    far = _far_from(mask > 0, 0.5 * face_width)
+    assert far.mean() > 0.3
+    assert np.array_equal(out[far], inp[far]), "pixels far from the faces changed"
+    for poly in polys:
+        inside = _poly_region(mask.shape, poly)
+        diff = np.abs(out[inside].astype(int) - inp[inside].astype(int)).sum(axis=1)
+        assert (diff > 30).mean() > 0.9, "a masked face was not unmasked"
+
+
+# ------------------------------------------------------------------------------------- fast network
+
+def test_folded_batchnorm_matches_eager_fp32():
+    from unmask_cli.models import MapModule, UNetGenerator
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    G = UNetGenerator(4, 3, ngf=16, image_size=64)  # PyTorch default init: larger activations than N(0, 0.02)
+    M = MapModule(3, nmf=8, image_size=64)
+    for net in (G, M):
+        _randomise_bn(net, gen)
+        net.eval()
+    x = torch.rand(3, 4, 64, 64) * 2 - 1
+    x[:, 3] = (x[:, 3] > 0).float()
+    fused_G, fused_M = fold_batchnorm(G), fold_batchnorm(M)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused_G.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused_M.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in G.modules())  # the original is untouched
+    with torch.no_grad():
+        ref, out = G(x), fused_G(x.contiguous(memory_format=torch.channels_last))
+        assert ref.abs().max() > 0.05  # a real signal, not a near-zero output
+        assert (ref - out).abs().max().item() < 1e-4
+        ref_m, out_m = M(x[:, :3]), fused_M(x[:, :3])
+        assert (ref_m - out_m).abs().max().item() < 1e-4 * max(1.0, ref_m.abs().max().item())
+
+
+def test_paste_in_the_face_rectangle_equals_paste_back_on_the_whole_photo(aligner, astronaut):
+    import cv2
+
+    from unmask_cli.faces import paste_back
+    from unmask_cli.inference import _align, _Item, _paste_face
+
+    face = aligner.detect(astronaut)[0]
+    rng = np.random.default_rng(0)
+    for size in (64, 300):
+        crop, matrix = _align(astronaut, face.landmarks, size)
+        edited = rng.integers(0, 256, crop.shape, dtype=np.uint8)
+        yy, xx = np.mgrid[:size, :size]
+        region = ((xx - size / 2) ** 2 / (0.3 * size) ** 2 + (yy - 0.72 * size) ** 2 / (0.2 * size) ** 2) < 1
+        item = _Item(path=Path("x.png"), key="x", output=Path("y.png"), image=astronaut, alpha=None, photo_map=None)
+        item.result, item.used_map = astronaut.copy(), np.zeros(astronaut.shape[:2], bool)
+        _paste_face(item, edited, region, matrix, save_masks=True)
+        full = paste_back(astronaut, edited, matrix, region=region)
+        diff = np.abs(full.astype(int) - item.result.astype(int))
+        assert (full != astronaut).any(axis=2).sum() > 1000
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # fixed-point warp rounding only
+        back = cv2.warpAffine(region.astype(np.uint8), cv2.invertAffineTransform(matrix), (512, 512),
+                              flags=cv2.INTER_NEAREST) > 0
+        assert np.array_equal(item.used_map, back)
+
+
+# --------------------------------------------------------------------------------------- aligned mode
+
+def _aligned_crop(aligner, astronaut, size: int = 150):
+    import cv2
+
+    from unmask_cli.faces import alignment_matrix, transform_points
+
+    face = aligner.detect(astronaut)[0]
+    matrix = alignment_matrix(face.landmarks, size)
+    crop = cv2.warpAffine(astronaut, matrix, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT_101)
+    return crop, transform_points(face.landmarks, matrix)
+
+
+def test_aligned_supplied_maps_keep_outside_byte_identical(tmp_path, ckpts, aligner, astronaut, grace_hopper):
+    inp, maps, out = tmp_path / "in", tmp_path / "maps", tmp_path / "out"
+    inp.mkdir()
+    maps.mkdir()
+    sources = {}
+    for name, photo, size in (("astro", astronaut, 150), ("grace", grace_hopper, 96)):
+        crop, lm = _aligned_crop(aligner, photo, size)
+        masked, mask = _draw_masks(crop, [_mask_polygon(lm)])
+        sources[name] = (masked, mask > 0)
+        _png(inp / f"{name}.png", masked)
+        _png(maps / f"{name}.png", mask)
+    _jpeg(inp / "astro_q.jpg", sources["astro"][0])
+    _png(maps / "astro_q.png", sources["astro"][1].astype(np.uint8) * 255)
+    before_in, before_maps = _hashes(inp), _hashes(maps)
+
+    summary = run_infer(inp, out, ckpts["plain"], masks_dir=maps, aligned=True, save_masks=True, compare=True,
+                        device="cpu", batch_size=2)
+    assert summary.processed == 3 and not summary.skipped_files and summary.mode == "aligned"
+    for name, (masked, mask) in sources.items():
+        result = read_image(out / f"{name}.png")
+        assert result.shape == masked.shape
+        assert np.array_equal(result[~mask], masked[~mask]), "pixels outside the mask must be byte-identical"
+        diff = np.abs(result[mask].astype(int) - masked[mask].astype(int)).sum(axis=1)
+        assert (diff > 30).mean() > 0.9
+        assert np.array_equal(read_mask(out / "masks" / f"{name}.png"), mask)
+        side = read_image(out / "compare" / f"{name}.jpg")
+        assert side.shape == (masked.shape[0], 2 * masked.shape[1], 3)
+    jpeg_out = out / "astro_q.jpg"
+    assert jpeg_out.exists() and read_image(jpeg_out).shape == sources["astro"][0].shape
+    assert _hashes(inp) == before_in and _hashes(maps) == before_maps
+
+
+def test_aligned_predicted_maps(tmp_path, ckpts, aligner, astronaut):
+    crop, _ = _aligned_crop(aligner, astronaut, 128)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "face.png", crop)
+
+    everything = run_infer(inp, tmp_path / "all", ckpts["map_all"], aligned=True, save_masks=True, device="cpu")
+    assert everything.processed == 1 and everything.mask_source == "predicted"
+    assert read_mask(tmp_path / "all" / "masks" / "face.png").all()
+    changed = (read_image(tmp_path / "all" / "face.png") != crop).any(axis=2)
+    assert changed.mean() > 0.9
+
+    nothing = run_infer(inp, tmp_path / "none", ckpts["map_none"], aligned=True, save_masks=True, device="cpu")
+    assert nothing.processed == 0 and nothing.unchanged == 1
+    assert (tmp_path / "none" / "face.png").read_bytes() == (inp / "face.png").read_bytes()
+    assert not read_mask(tmp_path / "none" / "masks" / "face.png").any()
+
+
+def test_same_stem_in_two_formats(tmp_path, ckpts, aligner, astronaut):
+    crop, _ = _aligned_crop(aligner, astronaut, 64)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "face.png", crop)
+    _jpeg(inp / "face.jpg", crop)
+    summary = run_infer(inp, tmp_path / "out", ckpts["map_all"], aligned=True, save_masks=True, compare=True,
+                        device="cpu")
+    assert summary.processed == 2
+    names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert names == ["compare/face.jpg.jpg", "compare/face.png.jpg", "face.jpg", "face.png",
+                     "masks/face.jpg.png", "masks/face.png.png"]
+
+
+def test_batching_across_files_matches_one_by_one(tmp_path, ckpts, aligner, astronaut, grace_hopper):
+    import cv2
+
+    inp, maps = tmp_path / "in", tmp_path / "maps"
+    inp.mkdir()
+    maps.mkdir()
+    for i, (photo, size) in enumerate([(astronaut, 128), (grace_hopper, 100), (astronaut, 90), (grace_hopper, 64)]):
+        crop, lm = _aligned_crop(aligner, photo, size)
+        crop = cv2.flip(crop, 1) if i >= 2 else crop
+        masked, mask = _draw_masks(crop, [_mask_polygon(lm if i < 2 else lm * [-1, 1] + [size - 1, 0])])
+        _png(inp / f"{i}.png", masked)
+        _png(maps / f"{i}.png", mask)
+    one = run_infer(inp, tmp_path / "b1", ckpts["plain"], masks_dir=maps, aligned=True, batch_size=1,
+                    device="cpu", fold_bn=False)
+    many = run_infer(inp, tmp_path / "b3", ckpts["plain"], masks_dir=maps, aligned=True, batch_size=3, device="cpu")
+    assert one.processed == many.processed == 4
+    for i in range(4):
+        a = read_image(tmp_path / "b1" / f"{i}.png").astype(int)
+        b = read_image(tmp_path / "b3" / f"{i}.png").astype(int)
+        assert np.abs(a - b).max() <= 1  # batched + folded + channels_last == one by one, plain (to rounding)
+
+
+# ---------------------------------------------------------------------------------------- whole photos
+
+def test_photo_with_supplied_map_png_jpeg_and_rerun(tmp_path, ckpts, aligner, astronaut):
+    masked, mask, polys, faces = _masked_photo(aligner, astronaut)
+    assert len(faces) == 1
+    assert not aligner.detect(masked), "the detector is expected to miss the masked face (tests the fallback)"
+    inp, maps, out = tmp_path / "in", tmp_path / "maps", tmp_path / "out"
+    inp.mkdir()
+    maps.mkdir()
+    _png(inp / "astro.png", masked)
+    _jpeg(inp / "astro_jpeg.jpg", masked)
+    _png(maps / "astro.png", mask)
+    _png(maps / "astro_jpeg.png", mask)
+    _png(inp / "clean.png", astronaut)  # a face the detector finds, but an empty map: copied through
+    _png(maps / "clean.png", np.zeros(mask.shape, np.uint8))
+    before = _hashes(inp)
+
+    summary = run_infer(inp, out, ckpts["plain"], masks_dir=maps, save_masks=True, compare=True, device="cpu")
+    assert (summary.processed, summary.faces, summary.faces_from_maps) == (2, 2, 2)
+    # clean.png's face, plus any detector false positive (dlib fires on the suit of the JPEG copy): no map there
+    assert summary.unchanged == 1 and summary.faces_empty_map >= 1
+    assert (out / "clean.png").read_bytes() == (inp / "clean.png").read_bytes()
+    _check_photo(masked, read_image(out / "astro.png"), mask, polys, faces)
+    assert np.array_equal(read_mask(out / "masks" / "astro.png"), mask > 0)
+    assert read_image(out / "compare" / "astro.jpg").shape == (512, 1024, 3)
+    jpeg_in, jpeg_out = read_image(inp / "astro_jpeg.jpg"), read_image(out / "astro_jpeg.jpg")
+    assert jpeg_out.shape == jpeg_in.shape and (out / "astro_jpeg.jpg").read_bytes()[:2] == b"\xff\xd8"
+    far = _far_from(mask > 0, 100)
+    assert np.abs(jpeg_out[far].astype(int) - jpeg_in[far].astype(int)).mean() < 1.5  # JPEG q95 re-encoding only
+    assert _hashes(inp) == before
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.*")}
+    again = run_infer(inp, out, ckpts["plain"], masks_dir=maps, save_masks=True, compare=True, device="cpu")
+    assert again.already_done == 3 and again.processed == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.*")} == stamps
+    redo = run_infer(inp, out, ckpts["plain"], masks_dir=maps, device="cpu", overwrite=True)
+    assert redo.processed == 2 and redo.unchanged == 1 and redo.already_done == 0
+
+
+def test_photo_with_predicted_map(tmp_path, ckpts, astronaut):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "astro.png", astronaut)
+    summary = run_infer(inp, tmp_path / "out", ckpts["map_all"], save_masks=True, device="cpu")
+    assert summary.processed == 1 and summary.faces == 1
+    used = read_mask(tmp_path / "out" / "masks" / "astro.png")
+    result = read_image(tmp_path / "out" / "astro.png")
+    changed = (result != astronaut).any(axis=2)
+    assert 0.02 < used.mean() < 0.6  # the whole face crop, pasted back into photo coordinates
+    assert changed[used].mean() > 0.9
+    assert not changed[_far_from(used, 60)].any()
+
+
+def test_group_photos(tmp_path, ckpts, aligner):
+    if not (SHARED / "faces").is_dir():
+        pytest.skip("../shared/faces not present")
+    inp, maps, out = tmp_path / "in", tmp_path / "maps", tmp_path / "out"
+    inp.mkdir()
+    maps.mkdir()
+    expected = {}
+    for name, count in (("obama_and_biden", 3), ("two_people", 2)):
+        photo = read_image(SHARED / "faces" / f"{name}.jpg")
+        masked, mask, polys, faces = _masked_photo(aligner, photo)
+        assert len(faces) == count
+        _png(inp / f"{name}.png", masked)
+        _png(maps / f"{name}.png", mask)
+        expected[name] = (masked, mask, polys, faces)
+    before = _hashes(inp)
+    summary = run_infer(inp, out, ckpts["plain"], masks_dir=maps, device="cpu", batch_size=4)
+    assert summary.processed == 2 and summary.faces == 5
+    for name, (masked, mask, polys, faces) in expected.items():
+        _check_photo(masked, read_image(out / f"{name}.png"), mask, polys, faces)
+    assert _hashes(inp) == before
+
+    (inp / "obama_and_biden.png").unlink()
+    largest = run_infer(inp, tmp_path / "largest", ckpts["plain"], masks_dir=maps, device="cpu", all_faces=False)
+    assert largest.faces == 1
+    masked, mask, polys, _ = expected["two_people"]
+    result = read_image(tmp_path / "largest" / "two_people.png")
+    changed = [(result[_poly_region(mask.shape, p)] != masked[_poly_region(mask.shape, p)]).any(axis=1).mean()
+               for p in polys]
+    assert sorted(round(c) for c in changed) == [0, 1]  # one face unmasked, the other left as it was
+
+
+def test_rgba_png_keeps_alpha(tmp_path, ckpts, aligner):
+    from PIL import Image
+
+    if not (SHARED / "faces" / "32bit.png").is_file():
+        pytest.skip("../shared/faces not present")
+    with Image.open(SHARED / "faces" / "32bit.png") as img:
+        rgba = np.asarray(img.convert("RGBA")).copy()
+    rgba[:40, :40, 3] = 0  # make sure some pixels are transparent
+    rgba[:40, :40, :3] = (7, 8, 9)
+    masked_rgb, mask, polys, faces = _masked_photo(aligner, rgba[:, :, :3])
+    inp, maps = tmp_path / "in", tmp_path / "maps"
+    inp.mkdir()
+    maps.mkdir()
+    Image.fromarray(np.dstack([masked_rgb, rgba[:, :, 3]])).save(inp / "alpha.png")
+    _png(maps / "alpha.png", mask)
+    summary = run_infer(inp, tmp_path / "out", ckpts["plain"], masks_dir=maps, device="cpu")
+    assert summary.processed == 1
+    with Image.open(tmp_path / "out" / "alpha.png") as img:
+        assert img.mode == "RGBA"
+        result = np.asarray(img)
+    assert np.array_equal(result[:, :, 3], rgba[:, :, 3])
+    assert np.array_equal(result[:40, :40, :3], rgba[:40, :40, :3])  # transparent pixels keep their RGB
+    _check_photo(masked_rgb, result[:, :, :3], mask, polys, faces)
+
+
+# ----------------------------------------------------------------------------------- per-file problems
+
+def test_bad_files_no_face_and_mask_errors(tmp_path, ckpts, aligner, astronaut):
+    from skimage.data import coffee
+
+    masked, mask, _, _ = _masked_photo(aligner, astronaut)
+    inp, maps, out = tmp_path / "in", tmp_path / "maps", tmp_path / "out"
+    inp.mkdir()
+    maps.mkdir()
+    _png(inp / "good.png", masked)
+    _png(maps / "good.png", mask)
+    _jpeg(inp / "coffee.jpg", coffee())
+    _png(maps / "coffee.png", np.zeros(coffee().shape[:2], np.uint8))
+    _png(inp / "nomap.png", masked)  # no maps/nomap.*
+    _png(inp / "wrongsize.png", masked)
+    _png(maps / "wrongsize.png", mask[:300, :200])
+    (inp / "fake.jpg").write_text("this is not a JPEG\n")
+    (inp / "notes.txt").write_text("hello\n")
+    before = _hashes(inp)
+
+    import io
+
+    from rich.console import Console
+
+    from unmask_cli.progress import make_progress
+
+    with make_progress(Console(file=io.StringIO()), unit="img") as progress:
+        summary = run_infer(inp, out, ckpts["plain"], masks_dir=maps, compare=True, device="cpu", progress=progress)
+    (task,) = progress.tasks
+    assert task.total == task.completed == 6
+    reasons = {name: reason for name, reason, _ in summary.skipped_files}
+    assert reasons == {"fake.jpg": "not an image", "notes.txt": "not an image", "nomap.png": "missing mask",
+                       "wrongsize.png": "mask size mismatch"}
+    assert summary.skipped == {"not an image": 2, "missing mask": 1, "mask size mismatch": 1}
+    message = dict((n, m) for n, _, m in summary.skipped_files)["wrongsize.png"]
+    assert "200x300" in message and "512x512" in message
+    assert summary.processed == 1 and summary.no_face == 1
+    assert summary.no_face_files == [("coffee.jpg", "no face")]
+    assert (out / "coffee.jpg").read_bytes() == (inp / "coffee.jpg").read_bytes()
+    assert (out / "compare" / "coffee.jpg").exists()
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["coffee.jpg", "good.png", "skipped.csv"]
+    assert "wrongsize.png,mask size mismatch" in (out / "skipped.csv").read_text()
+    assert _hashes(inp) == before
+
+    console = Console(record=True, width=120)
+    console.print(summary_table(summary))
+    text = console.export_text()
+    for expected in ("no face: copied", "coffee.jpg", "skipped: missing mask", "wrongsize.png", "img/s"):
+        assert expected in text
+
+
+def test_refusals(tmp_path, ckpts, astronaut):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "a.png", astronaut)
+    for bad in (inp, inp / "out", inp / "deeper" / "out"):
+        with pytest.raises(UnmaskError, match="must not be the input folder or inside it") as info:
+            run_infer(inp, bad, ckpts["plain"], device="cpu")
+        assert "\n" not in str(info.value)
+    assert sorted(p.name for p in inp.iterdir()) == ["a.png"]
+    with pytest.raises(UnmaskError, match="no map module"):
+        run_infer(inp, tmp_path / "out", ckpts["no_map"], device="cpu")
+    with pytest.raises(UnmaskError, match="holds inputs"):  # --save-masks would overwrite the supplied maps
+        run_infer(inp, tmp_path / "out", ckpts["plain"], masks_dir=tmp_path / "out" / "masks", save_masks=True)
+    with pytest.raises(UnmaskError, match="threshold"):
+        run_infer(inp, tmp_path / "out", ckpts["plain"], threshold=1.5)
+    with pytest.raises(UnmaskError, match="input folder not found"):
+        run_infer(tmp_path / "missing", tmp_path / "out", ckpts["plain"])

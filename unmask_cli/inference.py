@@ -1,0 +1,763 @@
+"""``unmask infer``: remove face masks from a folder of photos (or of aligned face crops) with a trained GAN.
+
+Pipeline per input file:
+
+* whole photos (default): find every face (dlib HOG + 68 landmarks; with ``--masks``, masks no detected
+  face explains are taken as masked faces the detector missed, see :func:`find_faces`), align each one
+  with the FFHQ similarity transform at the face's own resolution (crop side = the FFHQ square measured
+  in photo pixels, clamped to [model size, 1024]), shrink the crop to the model size, get the map (the
+  ``--masks`` map warped into the crop with nearest neighbour, or the map module's prediction), run the
+  editing module, take the generated pixels only inside the map (scaled back to the crop resolution) and
+  paste the crop back with ``faces.paste_back`` (feathered blend limited to the dilated map). Pixels the
+  blend does not reach are returned untouched.
+* aligned crops (``aligned=True``): the file itself is the crop; the map is read at (or predicted and
+  scaled to) the input size, so every pixel outside the map is byte-identical to the input.
+
+Why align at the face's own resolution instead of at the model size: the model only ever sees an
+``image_size`` crop, but the composite (input outside the map, generated pixels inside it) and the paste
+back happen at the crop resolution. A native-resolution crop keeps the supplied map exact, and the
+feathered ring around the map (where input and crop are blended) is resampled ~1:1 instead of being
+blurred by a 64/256-px round trip.
+
+Outputs keep the input's name, size and format: PNG lossless (a PNG with transparency keeps its alpha
+channel, and its original RGB wherever nothing was edited), JPEG/WebP re-encoded at quality 95 (so
+untouched pixels of a JPEG change by the re-encoding only), BMP/TIFF/PPM as is, PGM as grey. Photos are
+read with EXIF orientation applied and written upright without EXIF; ``--masks`` maps must match the
+photo as displayed. A photo without a usable face (or whose faces all have an empty map) is copied byte
+for byte.
+
+Faces of several photos are batched together (``batch_size`` crops per forward pass); photos are held
+in memory only until their last face is done. Every output is written atomically; a rerun skips
+inputs whose outputs all exist (resumable) unless ``overwrite=True``. Speed: ``torch.inference_mode``,
+channels_last weights and inputs (CPU and CUDA), fp16 autocast on CUDA only, and BatchNorm folded into
+the preceding (transposed) convolution (checked against plain eager fp32: max abs diff < 1e-4 on the
+[-1, 1] output, see tests/test_inference.py and benchmarks/infer.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import functools
+import io
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from unmask_cli.errors import BadInput, UnmaskError
+from unmask_cli.fileio import (
+    atomic_write_bytes,
+    encode_image,
+    is_image_name,
+    list_files,
+    read_image,
+    read_mask,
+    remove_temp_files,
+)
+
+MASKS_SUBDIR = "masks"
+COMPARE_SUBDIR = "compare"
+SKIPPED_CSV = "skipped.csv"
+MAX_CROP = 1024  # largest native-resolution face crop (px)
+JPEG_QUALITY = 95
+NO_FACE_REASONS = ("no face", "face too small", "too small")  # find_faces reasons -> copied through
+_NATIVE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # fileio.encode_image formats
+
+
+@dataclass
+class InferSummary:
+    in_dir: str
+    out_dir: str
+    checkpoint: str
+    device: str = ""
+    mode: str = "photos"  # "photos" (detect + align + paste back) | "aligned" (inputs are face crops)
+    mask_source: str = "predicted"  # "predicted" (map module) | "supplied" (--masks)
+    image_size: int = 0
+    files: int = 0  # visible files in IN_DIR
+    processed: int = 0  # outputs written with at least one face unmasked
+    faces: int = 0  # faces unmasked
+    faces_from_maps: int = 0  # masked faces the detector missed, located from the --masks map
+    faces_empty_map: int = 0  # faces found whose map was empty (left as they are)
+    no_face: int = 0  # photos without a usable face: copied through byte for byte
+    unchanged: int = 0  # photos/crops with faces but an empty map everywhere: copied through
+    already_done: int = 0  # outputs that existed (resumed run), not redone
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    skipped_files: list[tuple[str, str, str]] = field(default_factory=list)  # (file, reason, message)
+    no_face_files: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    seconds: float = 0.0
+    folded_bn: bool = False
+
+    @property
+    def handled(self) -> int:
+        """Images this run wrote an output for (unmasked or copied through)."""
+        return self.processed + self.no_face + self.unchanged
+
+    @property
+    def rate(self) -> float:
+        return self.handled / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------- fast network
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` (eval mode) where every BatchNorm2d that directly follows a Conv2d or
+    ConvTranspose2d inside an ``nn.Sequential`` is folded into that convolution (and replaced by Identity).
+
+    Exact in real arithmetic for eval-mode BN (running statistics); in fp32 the outputs match the
+    unfolded network to rounding (< 1e-4 on the generator's [-1, 1] output).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = copy.deepcopy(net).eval()
+    for parent in net.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, bn = parent._modules[first], parent._modules[second]
+            if not (isinstance(bn, nn.BatchNorm2d) and isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d))):
+                continue
+            if bn.running_mean is None or bn.running_var is None or conv.groups != 1:
+                continue
+            parent._modules[first] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
+            parent._modules[second] = nn.Identity()
+    return net
+
+
+class Unmasker:
+    """G (and M) prepared for fast batched inference on one device."""
+
+    def __init__(self, G: nn.Module, M: nn.Module | None, image_size: int, device: torch.device,
+                 threshold: float = 0.5, fold_bn: bool = True):
+        self.device = device
+        self.image_size = image_size
+        self.threshold = threshold
+        self.channels_last = device.type in ("cpu", "cuda")
+        self.amp = device.type == "cuda"
+        self.folded = fold_bn
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        prep = fold_batchnorm if fold_bn else (lambda n: copy.deepcopy(n).eval())
+        self.G = prep(G).to(device=device, memory_format=fmt).eval()
+        self.M = prep(M).to(device=device, memory_format=fmt).eval() if M is not None else None
+
+    def describe(self) -> str:
+        extras = ["inference_mode"]
+        if self.channels_last:
+            extras.append("channels_last")
+        if self.amp:
+            extras.append("fp16 autocast")
+        if self.folded:
+            extras.append("BN folded")
+        name = str(self.device)
+        if self.device.type == "cuda":
+            name += f" ({torch.cuda.get_device_name(self.device)})"
+        return f"{name}, {', '.join(extras)}"
+
+    def _tensor(self, nhwc: np.ndarray) -> torch.Tensor:
+        """(N, H, W, C) array -> (N, C, H, W) tensor on the device; the NHWC buffer already is channels_last."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        t = torch.from_numpy(np.ascontiguousarray(nhwc)).to(self.device, non_blocking=self.device.type == "cuda")
+        return t.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+
+    def __call__(self, images: np.ndarray, maps: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """``images`` (N, S, S, 3) uint8, ``maps`` (N, S, S) bool or None (predict them).
+
+        Returns the composites (N, S, S, 3) uint8 (input outside the map, generated inside) and the maps.
+        """
+        from unmask_cli.models import composite, generator_input, predict_map
+
+        if maps is None and self.M is None:
+            raise UnmaskError("no mask maps given and the checkpoint has no map module")
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            x = self._tensor(images).float().div_(127.5).sub_(1.0)
+            if maps is None:
+                m = predict_map(self.M, x, self.threshold).float()
+            else:
+                m = self._tensor(maps[:, :, :, None].astype(np.float32))
+            generated = self.G(generator_input(x, m)).float()
+            out = composite(x, m, generated)
+            out = out.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+            out_np = out.permute(0, 2, 3, 1).cpu().numpy()
+            maps_np = (m[:, 0] > 0.5).cpu().numpy()
+        return np.ascontiguousarray(out_np), maps_np
+
+
+# ----------------------------------------------------------------------------------------- image helpers
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    import cv2
+
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    shrink = width * height < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def _map_down(mask: np.ndarray, size: int) -> np.ndarray:
+    """Map at the model size: a model pixel is masked when any source pixel it covers is (conservative)."""
+    import cv2
+
+    if mask.shape == (size, size):
+        return mask
+    return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) > 1e-6
+
+
+def _map_up(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    import cv2
+
+    if mask.shape == (height, width):
+        return mask
+    return cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) >= 0.5
+
+
+def _read_alpha(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(raw RGB, alpha) of a PNG with transparency, in the orientation ``read_image`` uses; else None."""
+    from PIL import Image, ImageOps
+
+    if path.suffix.lower() != ".png":
+        return None
+    try:
+        with Image.open(path) as img:
+            if not (img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)):
+                return None
+            img.load()
+            rgba = np.asarray(ImageOps.exif_transpose(img).convert("RGBA"))
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3])
+
+
+def _encode(rgb: np.ndarray, suffix: str, alpha: np.ndarray | None = None) -> bytes:
+    """Encode in the input's format: JPEG quality 95, PNG lossless (with alpha when given)."""
+    import cv2
+
+    suffix = suffix.lower()
+    if alpha is not None and suffix == ".png":
+        bgra = cv2.cvtColor(np.dstack([rgb, alpha]), cv2.COLOR_RGBA2BGRA)
+        ok, buf = cv2.imencode(".png", bgra, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    elif suffix == ".ppm":
+        ok, buf = cv2.imencode(".ppm", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    elif suffix == ".pgm":  # a grey input stays grey (the edit is converted to luminance)
+        ok, buf = cv2.imencode(".pgm", cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    else:
+        return encode_image(rgb, suffix if suffix in _NATIVE_SUFFIXES else ".png", JPEG_QUALITY)
+    if not ok:
+        raise UnmaskError(f"cannot encode image as {suffix}")
+    return buf.tobytes()
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or path.is_relative_to(folder)
+
+
+# ------------------------------------------------------------------------------------------ work items
+
+@dataclass
+class _Face:
+    item: _Item
+    model_in: np.ndarray  # (S, S, 3) uint8
+    model_map: np.ndarray | None  # (S, S) bool, None = predict
+    crop: np.ndarray  # crop at its own resolution (the whole input in aligned mode)
+    crop_map: np.ndarray | None  # bool at crop resolution (supplied), None = from the prediction
+    matrix: np.ndarray | None  # photo -> crop (None in aligned mode)
+
+
+@dataclass
+class _Item:
+    path: Path
+    key: str  # name of the side outputs (masks/KEY.png, compare/KEY.jpg)
+    output: Path
+    image: np.ndarray  # RGB uint8 as decoded (alpha composited over white)
+    alpha: tuple[np.ndarray, np.ndarray] | None
+    photo_map: np.ndarray | None  # supplied whole-photo map
+    faces: list[_Face] = field(default_factory=list)
+    pending: int = 0
+    result: np.ndarray | None = None
+    used_map: np.ndarray | None = None
+    edited_faces: int = 0
+    empty_faces: int = 0  # faces whose (supplied) map is empty: not sent to the network
+
+
+class _MaskIndex:
+    """Mask maps of ``--masks DIR`` by file stem (any image extension; ``.png`` preferred)."""
+
+    def __init__(self, folder: Path):
+        if not folder.is_dir():
+            raise UnmaskError("mask folder not found" if not folder.exists() else "mask path is not a folder", folder)
+        self.folder = folder
+        self.by_stem: dict[str, Path] = {}
+        for p in list_files(folder):
+            if is_image_name(p) and (p.stem not in self.by_stem or p.suffix.lower() == ".png"):
+                self.by_stem[p.stem] = p
+
+    def find(self, stem: str, image_path: Path) -> Path:
+        found = self.by_stem.get(stem)
+        if found is None:
+            raise BadInput(f"no mask map {stem}.* in {self.folder}", image_path, "missing mask")
+        return found
+
+
+# ------------------------------------------------------------------------------------------------- job
+
+def _crop_size(landmarks: np.ndarray, image_size: int) -> int:
+    from unmask_cli.faces import ffhq_quad
+
+    quad = ffhq_quad(landmarks)
+    side = float(np.hypot(*(quad[3] - quad[0])))
+    return int(np.clip(round(side), image_size, max(MAX_CROP, image_size)))
+
+
+def _align(rgb: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    from unmask_cli.faces import alignment_matrix
+
+    matrix = alignment_matrix(landmarks, size)
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    crop = cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR if scale >= 1 else cv2.INTER_AREA,
+                          borderMode=cv2.BORDER_REFLECT_101)
+    return crop, matrix
+
+
+@functools.lru_cache(maxsize=2)
+def _aligner(landmarks_path: str | None):
+    """dlib detector + 68-landmark predictor, loaded once per process (loading takes ~2-3 s)."""
+    from unmask_cli.faces import FaceAligner
+
+    return FaceAligner(size=256, landmarks_path=landmarks_path)
+
+
+def _mask_blobs(photo_map: np.ndarray, min_side: int) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (x, y, w, h) of the masks in a whole-photo map, one per mask: fragments closer than
+    ~1% of the photo diagonal are merged; blobs narrower than ``min_side`` are ignored."""
+    import cv2
+
+    binary = photo_map.astype(np.uint8)
+    radius = max(1, int(round(0.005 * float(np.hypot(*photo_map.shape)))))
+    merged = cv2.dilate(binary, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
+    count, labels = cv2.connectedComponents(merged)
+    blobs = []
+    for label in range(1, count):
+        ys, xs = np.nonzero((labels == label) & photo_map)
+        if xs.size == 0:
+            continue
+        x, y, w, h = int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+        if w >= min_side:
+            blobs.append((x, y, w, h))
+    return blobs
+
+
+def _face_box_for_mask(detector, gray: np.ndarray, blob: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The face box (dlib convention) of a masked face whose mask is ``blob``.
+
+    dlib's HOG detector rarely fires on a masked face at its normal threshold. Around each mask we search a
+    small region, rescaled so the expected face is ~120 px, with a lowered threshold, and keep the best
+    box consistent with the mask (centred on it, similar width, bottom near the mask's lower edge). When
+    none is found, the box is estimated from the mask alone (a face box is ~1.1x the mask width, square,
+    ending ~0.13 mask widths above the mask's lower edge).
+    """
+    x, y, w, h = blob
+    side = 1.1 * w
+    cx, bottom = x + w / 2.0, y + h - 0.13 * w
+    height, width = gray.shape
+    x0, y0 = int(max(0, cx - 1.5 * side)), int(max(0, bottom - 2 * side))
+    x1, y1 = int(min(width, cx + 1.5 * side)), int(min(height, bottom + side))
+    scale = 120.0 / side
+    best = None
+    if x1 - x0 >= 8 and y1 - y0 >= 8:
+        import cv2
+
+        roi = cv2.resize(gray[y0:y1, x0:x1], None, fx=scale, fy=scale,
+                         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        rects, scores, _ = detector.run(roi, 0, -1.5)
+        for rect, score in zip(rects, scores, strict=True):
+            box = (x0 + rect.left() / scale, y0 + rect.top() / scale, x0 + rect.right() / scale,
+                   y0 + rect.bottom() / scale)
+            box_w = box[2] - box[0]
+            consistent = (abs((box[0] + box[2]) / 2 - cx) < 0.25 * w and 0.7 < box_w / side < 1.4
+                          and abs(box[3] - bottom) < 0.3 * w)
+            if consistent and (best is None or score > best[0]):
+                best = (score, box)
+    if best is not None:
+        return tuple(int(round(v)) for v in best[1])  # type: ignore[return-value]
+    return (int(round(cx - side / 2)), int(round(bottom - side)), int(round(cx + side / 2)), int(round(bottom)))
+
+
+def find_faces(aligner, image: np.ndarray, path: str | os.PathLike | None = None,
+               photo_map: np.ndarray | None = None, all_faces: bool = True):
+    """Faces of a photo (largest first) and how many of them were located from the mask map.
+
+    Plain dlib HOG detection first. With a whole-photo mask map, every mask that no detected face explains
+    (its centre inside a face box, widened by 25%) is taken as a masked face the detector missed: its box
+    is searched around the mask (see :func:`_face_box_for_mask`) and its 68 landmarks predicted there.
+    Raises :class:`BadInput` (reason ``no face`` / ``face too small`` / ``too small``) when nothing is usable.
+    """
+    import cv2
+    import dlib
+
+    from unmask_cli.faces import Face
+
+    height, width = image.shape[:2]
+    min_face = aligner.min_face
+    if min(height, width) < min_face:
+        raise BadInput(f"image too small ({width}x{height}, need at least {min_face} px)", path, "too small")
+    detected = aligner.detect(image)
+    found = [f for f in detected if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_face]
+    guided = 0
+    if photo_map is not None and photo_map.any():
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        for blob in _mask_blobs(photo_map, max(8, min_face // 2)):
+            bx, by = blob[0] + blob[2] / 2.0, blob[1] + blob[3] / 2.0
+
+            def explains(face, bx=bx, by=by) -> bool:
+                left, top, right, bottom = face.box
+                mx, my = 0.25 * (right - left), 0.25 * (bottom - top)
+                return left - mx <= bx <= right + mx and top - my <= by <= bottom + my
+
+            if any(explains(f) for f in detected):
+                continue
+            box = _face_box_for_mask(aligner.detector, gray, blob)
+            if min(box[2] - box[0], box[3] - box[1]) < min_face:
+                continue
+            shape = aligner.predictor(gray, dlib.rectangle(*box))
+            landmarks = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+            found.append(Face(box, landmarks))
+            guided += 1
+    if not found:
+        if detected:
+            raise BadInput(f"face too small (smaller than {min_face} px)", path, "face too small")
+        raise BadInput("no face found", path, "no face")
+    found.sort(key=lambda f: f.area, reverse=True)
+    if not all_faces:
+        found = found[:1]
+        guided = int(found[0] not in detected)
+    return found, guided
+
+
+def _paste_face(item: _Item, edited: np.ndarray, crop_map: np.ndarray, matrix: np.ndarray, save_masks: bool) -> None:
+    """``faces.paste_back`` restricted to the photo rectangle the crop covers (same pixels, much less work on
+    large photos: paste_back blends the whole frame it is given), plus the used map in photo coordinates."""
+    import cv2
+
+    from unmask_cli.faces import paste_back
+
+    size = edited.shape[0]
+    H, W = item.result.shape[:2]
+    corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
+    inverse = cv2.invertAffineTransform(matrix)
+    photo_corners = corners @ inverse[:, :2].T + inverse[:, 2]
+    x0, y0 = np.floor(photo_corners.min(axis=0)).astype(int) - 2
+    x1, y1 = np.ceil(photo_corners.max(axis=0)).astype(int) + 3
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(W, x1), min(H, y1)
+    if x1 <= x0 or y1 <= y0:
+        return
+    shifted = matrix.copy()
+    shifted[:, 2] += matrix[:, :2] @ np.array([x0, y0], np.float64)  # ROI coordinates -> crop
+    roi = item.result[y0:y1, x0:x1]
+    roi[...] = paste_back(roi, edited, shifted, region=crop_map)
+    if save_masks:
+        back = cv2.invertAffineTransform(shifted)
+        if item.photo_map is not None:  # supplied map: the part of it inside this face's crop
+            footprint = cv2.warpAffine(np.ones(crop_map.shape, np.uint8), back, (x1 - x0, y1 - y0),
+                                       flags=cv2.INTER_NEAREST, borderValue=0) > 0
+            item.used_map[y0:y1, x0:x1] |= item.photo_map[y0:y1, x0:x1] & footprint
+        else:
+            item.used_map[y0:y1, x0:x1] |= cv2.warpAffine(crop_map.astype(np.uint8), back, (x1 - x0, y1 - y0),
+                                                          flags=cv2.INTER_NEAREST, borderValue=0) > 0
+
+
+def _check_folders(in_dir: Path, out_dir: Path, masks_dir: Path | None, save_masks: bool, compare: bool) -> None:
+    if not in_dir.exists():
+        raise UnmaskError("input folder not found", in_dir)
+    if not in_dir.is_dir():
+        raise UnmaskError("input is not a folder", in_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UnmaskError("output exists and is not a folder", out_dir)
+    if _inside(out_dir, in_dir):
+        raise UnmaskError(f"output folder must not be the input folder or inside it ({in_dir}); choose another "
+                          "OUT_DIR so inputs are never overwritten", out_dir)
+    written = [out_dir] + [out_dir / sub for sub, on in ((MASKS_SUBDIR, save_masks), (COMPARE_SUBDIR, compare)) if on]
+    sources = [in_dir] + ([masks_dir] if masks_dir is not None else [])
+    for folder in written:
+        for source in sources:
+            if _inside(folder, source):
+                raise UnmaskError(f"outputs would be written into {source}, which holds inputs; "
+                                  "choose another OUT_DIR", folder)
+    if masks_dir is not None and masks_dir.exists() and masks_dir.resolve() == in_dir.resolve():
+        raise UnmaskError("the mask folder must not be the input folder (maps and photos share file stems)", masks_dir)
+
+
+def run_infer(
+    in_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    *,
+    masks_dir: str | os.PathLike | None = None,
+    aligned: bool = False,
+    threshold: float = 0.5,
+    save_masks: bool = False,
+    compare: bool = False,
+    batch_size: int = 8,
+    device: str = "auto",
+    all_faces: bool = True,
+    landmarks_path: str | os.PathLike | None = None,
+    progress=None,
+    overwrite: bool = False,
+    fold_bn: bool = True,
+) -> InferSummary:
+    """Unmask every image of ``in_dir`` into ``out_dir`` (same names and formats). See the module doc.
+
+    Per-file problems (not an image, unreadable, missing or wrong-size mask map) are skipped with a reason
+    and listed in the summary and ``OUT_DIR/skipped.csv``; setup problems raise :class:`UnmaskError`.
+    """
+    from unmask_cli.checkpoints import build_networks_from_checkpoint
+    from unmask_cli.device import choose_device
+
+    start = time.perf_counter()
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    masks_path = Path(masks_dir) if masks_dir is not None else None
+    if not 0.0 < threshold < 1.0:
+        raise UnmaskError(f"--threshold must be in (0, 1), got {threshold}")
+    if batch_size < 1:
+        raise UnmaskError(f"--batch-size must be >= 1, got {batch_size}")
+    _check_folders(in_dir, out_dir, masks_path, save_masks, compare)
+    masks = _MaskIndex(masks_path) if masks_path is not None else None
+
+    dev = choose_device(device)
+    model = build_networks_from_checkpoint(checkpoint, "cpu")
+    if masks is None and model.M is None:
+        raise UnmaskError("this checkpoint has no map module (trained with model.map_module off); pass --masks DIR "
+                          "with one mask map per image", checkpoint)
+    size = model.image_size
+    net = Unmasker(model.G, model.M if masks is None else None, size, dev, threshold, fold_bn)
+    aligner = None if aligned else _aligner(str(landmarks_path) if landmarks_path else None)
+
+    files = list_files(in_dir)
+    summary = InferSummary(in_dir=str(in_dir), out_dir=str(out_dir), checkpoint=str(checkpoint),
+                           device=net.describe(), mode="aligned" if aligned else "photos",
+                           mask_source="supplied" if masks is not None else "predicted", image_size=size,
+                           files=len(files), folded_bn=fold_bn)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    side_dirs = [out_dir] + [out_dir / d for d, on in ((MASKS_SUBDIR, save_masks), (COMPARE_SUBDIR, compare)) if on]
+    for folder in side_dirs:
+        folder.mkdir(exist_ok=True)
+        remove_temp_files(folder)
+
+    stems = Counter(p.stem for p in files if is_image_name(p))
+    task = progress.add_task("infer", total=len(files)) if progress is not None else None
+
+    def advance() -> None:
+        if progress is not None:
+            progress.advance(task)
+
+    def out_paths(path: Path, key: str) -> tuple[Path, Path | None, Path | None]:
+        return (out_dir / path.name,
+                out_dir / MASKS_SUBDIR / f"{key}.png" if save_masks else None,
+                out_dir / COMPARE_SUBDIR / f"{key}.jpg" if compare else None)
+
+    def skip(path: Path, err: BadInput) -> None:
+        summary.skipped_files.append((path.name, err.reason, str(err)))
+        advance()
+
+    def write_side(item: _Item, result: np.ndarray, used_map: np.ndarray) -> None:
+        _, mask_out, compare_out = out_paths(item.path, item.key)
+        if mask_out is not None:
+            _write(mask_out, encode_image(used_map.astype(np.uint8) * 255, ".png"))
+        if compare_out is not None:
+            _write(compare_out, encode_image(np.concatenate([item.image, result], axis=1), ".jpg", JPEG_QUALITY))
+
+    def copy_through(item: _Item) -> None:
+        write_side(item, item.image, np.zeros(item.image.shape[:2], bool))
+        _write(item.output, item.path.read_bytes())  # byte copy, last: its existence marks the file done
+
+    def finish(item: _Item) -> None:
+        summary.faces_empty_map += item.empty_faces + len(item.faces) - item.edited_faces
+        if item.edited_faces == 0:
+            summary.unchanged += 1
+            copy_through(item)
+        else:
+            result = item.result
+            write_side(item, result, item.used_map)
+            alpha = None
+            if item.alpha is not None:  # keep the original RGB (and alpha) wherever nothing was edited
+                raw, alpha = item.alpha
+                changed = (result != item.image).any(axis=2)
+                result = np.where(changed[:, :, None], result, raw)
+            _write(item.output, _encode(result, item.output.suffix, alpha))
+            summary.processed += 1
+            summary.faces += item.edited_faces
+        item.faces.clear()
+        item.image = item.result = item.used_map = item.photo_map = None  # type: ignore[assignment]
+        advance()
+
+    def apply(face: _Face, comp: np.ndarray, model_map: np.ndarray) -> None:
+        """Put one network result into its item (at the crop's own resolution)."""
+        item = face.item
+        h, w = face.crop.shape[:2]
+        crop_map = face.crop_map if face.crop_map is not None else _map_up(model_map, w, h)
+        if crop_map.any():
+            edited = np.where(crop_map[:, :, None], _resize(comp, w, h), face.crop)
+            item.edited_faces += 1
+            if face.matrix is None:  # aligned crop: the output is the composite itself
+                item.result = edited
+                item.used_map = crop_map
+            else:
+                _paste_face(item, edited, crop_map, face.matrix, save_masks)
+        item.pending -= 1
+        if item.pending == 0:
+            finish(item)
+
+    queue: list[_Face] = []
+
+    def flush(limit: int) -> None:
+        while len(queue) >= limit and queue:
+            batch, queue[:] = queue[:batch_size], queue[batch_size:]
+            images = np.stack([f.model_in for f in batch])
+            maps = None if masks is None else np.stack([f.model_map for f in batch])
+            comps, model_maps = net(images, maps)
+            for face, comp, model_map in zip(batch, comps, model_maps, strict=True):
+                apply(face, comp, model_map)
+
+    def load(path: Path, key: str, output: Path) -> _Item | None:
+        """Read one input and prepare its faces; None when it was copied through (no face)."""
+        image = read_image(path)
+        H, W = image.shape[:2]
+        photo_map = read_mask(masks.find(path.stem, path), (H, W)) if masks is not None else None
+        item = _Item(path=path, key=key, output=output, image=image,
+                     alpha=_read_alpha(path), photo_map=photo_map)
+        if aligned:
+            crop_map = photo_map
+            item.faces.append(_Face(item, _resize(image, size, size),
+                                    _map_down(crop_map, size) if crop_map is not None else None,
+                                    image, crop_map, None))
+            item.result, item.used_map = image, np.zeros((H, W), bool)
+            return item
+        import cv2
+
+        try:
+            found, guided = find_faces(aligner, image, path, photo_map, all_faces)
+        except BadInput as err:
+            if err.reason not in NO_FACE_REASONS:
+                raise
+            summary.no_face += 1
+            summary.no_face_files.append((path.name, err.reason))
+            copy_through(item)
+            advance()
+            return None
+        summary.faces_from_maps += guided
+        item.result, item.used_map = image.copy(), np.zeros((H, W), bool)
+        for face in found:
+            crop_side = _crop_size(face.landmarks, size)
+            crop, matrix = _align(image, face.landmarks, crop_side)
+            crop_map = None
+            if photo_map is not None:
+                crop_map = cv2.warpAffine(photo_map.astype(np.uint8), matrix, (crop_side, crop_side),
+                                          flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0) > 0
+                if not crop_map.any():  # a face without a mask: nothing to do, skip the network
+                    item.empty_faces += 1
+                    continue
+            item.faces.append(_Face(item, _resize(crop, size, size),
+                                    _map_down(crop_map, size) if crop_map is not None else None,
+                                    crop, crop_map, matrix))
+        return item
+
+    for path in files:
+        if not is_image_name(path):
+            skip(path, BadInput("not an image (unsupported file extension)", path, "not an image"))
+            continue
+        key = path.stem if stems[path.stem] == 1 else path.name
+        targets = [p for p in out_paths(path, key) if p is not None]
+        if not overwrite and all(p.exists() for p in targets):
+            summary.already_done += 1
+            advance()
+            continue
+        try:
+            item = load(path, key, targets[0])
+        except BadInput as err:
+            skip(path, err)
+            continue
+        except MemoryError:
+            skip(path, BadInput("out of memory while decoding", path, "too large"))
+            continue
+        if item is None:
+            continue
+        if not item.faces:  # every face of the photo has an empty map
+            finish(item)
+            continue
+        item.pending = len(item.faces)
+        queue.extend(item.faces)
+        flush(batch_size)
+    flush(1)
+
+    summary.skipped = dict(Counter(reason for _, reason, _ in summary.skipped_files))
+    _write_skipped(out_dir, summary.skipped_files)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _write_skipped(out_dir: Path, rows: list[tuple[str, str, str]]) -> None:
+    path = out_dir / SKIPPED_CSV
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["file", "reason", "detail"])
+    writer.writerows(rows)
+    _write(path, buffer.getvalue().encode("utf-8", errors="surrogateescape"))
+
+
+def summary_table(summary: InferSummary, max_listed: int = 10):
+    from rich.table import Table
+
+    table = Table(title=f"unmask infer -> {summary.out_dir}", show_header=True)
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    what = "aligned face crops" if summary.mode == "aligned" else "photos (detect, align, paste back)"
+    table.add_row("input", f"{summary.files} file(s), {what}")
+    table.add_row("masks", "supplied (--masks)" if summary.mask_source == "supplied" else "predicted (map module)")
+    table.add_row("model", f"{summary.image_size} px, {summary.device}")
+    table.add_row("unmasked images", str(summary.processed))
+    if summary.mode == "photos":
+        table.add_row("faces unmasked", str(summary.faces))
+        if summary.faces_from_maps:
+            table.add_row("  located from the mask map", str(summary.faces_from_maps))
+        if summary.faces_empty_map:
+            table.add_row("faces with an empty map (left as is)", str(summary.faces_empty_map))
+        if summary.no_face:
+            table.add_row("[yellow]no face: copied[/]", f"[yellow]{summary.no_face}[/]")
+            for name, reason in summary.no_face_files[:max_listed]:
+                table.add_row(f"  {name}", reason)
+            if len(summary.no_face_files) > max_listed:
+                table.add_row(f"  ... {len(summary.no_face_files) - max_listed} more", "")
+            if summary.mask_source == "predicted":
+                table.add_row("[yellow]  hint[/]", "[yellow]dlib often misses masked faces: pass --masks DIR "
+                              "(faces are then also located from the maps) or use --aligned crops[/]")
+    if summary.unchanged:
+        table.add_row("empty map: copied", str(summary.unchanged))
+    if summary.already_done:
+        table.add_row("already done (skipped)", str(summary.already_done))
+    for reason, count in sorted(summary.skipped.items()):
+        table.add_row(f"[red]skipped: {reason}[/]", f"[red]{count}[/]")
+    for name, reason, _ in summary.skipped_files[:max_listed]:
+        table.add_row(f"  {name}", reason)
+    if len(summary.skipped_files) > max_listed:
+        table.add_row(f"  ... {len(summary.skipped_files) - max_listed} more", f"see {SKIPPED_CSV}")
+    table.add_row("time", f"{summary.seconds:.1f} s ({summary.rate:.2f} img/s)")
+    return table
