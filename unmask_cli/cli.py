@@ -127,6 +127,39 @@ def train(
         raise typer.Exit(130)
 
 
+@app.command()
+def infer(
+    in_dir: Annotated[Path, typer.Argument(help="Folder of masked photos (or aligned crops with --aligned).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder (must not be IN_DIR or inside it).")],
+    checkpoint: Annotated[Path, typer.Option(help="Trained checkpoint (runs/NAME/best.pt).")],
+    masks: Annotated[Path | None, typer.Option(help="Folder of mask maps with the same file stems (default: the map module predicts them).")] = None,
+    aligned: Annotated[bool, typer.Option("--aligned", help="Inputs are aligned face crops (no detection, no paste-back).")] = False,
+    threshold: Annotated[float, typer.Option(help="Map-module threshold for predicted masks.")] = 0.5,
+    save_masks: Annotated[bool, typer.Option("--save-masks", help="Write the masks used to OUT_DIR/masks/.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Also write input | output pairs to OUT_DIR/compare/.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Faces per batch.")] = 8,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
+    all_faces: Annotated[bool, typer.Option("--all-faces/--largest-face", help="Unmask every face or only the largest.")] = True,
+    landmarks: Annotated[Path | None, typer.Option(help="dlib 68-landmark model file.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist (default: skip them, so reruns resume).")] = False,
+    fold_bn: Annotated[bool, typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convolutions (same outputs within 1e-4, faster).")] = True,
+) -> None:
+    """Unmask every photo of IN_DIR into OUT_DIR (same names, sizes and formats).
+
+    Whole photos: every face is detected, aligned, unmasked and pasted back with a feathered blend; photos
+    without a face are copied through. Inputs are never modified; unreadable files are skipped with a reason.
+    """
+    from unmask_cli.inference import run_infer, summary_table
+
+    with make_progress(console, unit="img") as progress:
+        summary = run_infer(
+            in_dir, out_dir, checkpoint, masks_dir=masks, aligned=aligned, threshold=threshold,
+            save_masks=save_masks, compare=compare, batch_size=batch_size, device=device, all_faces=all_faces,
+            landmarks_path=landmarks, progress=progress, overwrite=overwrite, fold_bn=fold_bn,
+        )
+    console.print(summary_table(summary))
+
+
 def main() -> None:
     try:
         app()
