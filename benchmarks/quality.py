@@ -1,0 +1,266 @@
+"""Quality benchmark: the GAN vs an L1+SSIM ablation vs cv2 inpainting, same wall-clock training budget.
+
+    .venv/bin/python benchmarks/quality.py                          # full run: 2 x 20 min training
+    .venv/bin/python benchmarks/quality.py --minutes 1 --images 200 # smoke run
+
+Steps (everything under --work, default runs/quality/):
+
+1. ``unmask prepare`` of ../shared/utkface at 128 px (realistic mask styles), split by source image into
+   train/val/test (resumable: a second run reuses the prepared data).
+2. Train configs/quick.yaml (64 px) for a fixed wall-clock budget: ``train.epochs`` is set out of reach and
+   a timer sends SIGTERM to this process when the budget is spent; the trainer stops at the next batch
+   boundary and saves last.pt (its documented Ctrl-C/SIGTERM path), which is the checkpoint evaluated.
+   Then the ablation (lambda_perc = lambda_adv_whole = lambda_adv_mask = 0: L1 + SSIM only) is trained
+   under the same budget the same way. Each run starts fresh.
+3. ``run_eval`` of both on the test split; FD uses the same VGG16 network for both (the ImageNet features
+   in ../shared/weights when present, else random weights - printed loudly); the baselines (telea, ns,
+   masked input) come from the GAN's evaluation (they do not depend on the model).
+4. The comparison table (mask region PSNR/SSIM/FD/ID) and the targets, PASS/FAIL; quality.json.
+
+Targets (mask region, test split): PSNR >= Telea + 7 dB; SSIM, FD and identity distance better than Telea;
+FD and identity distance better than the ablation with PSNR within 1 dB of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+sys.path.insert(0, str(REPO))
+
+ABLATION_SET = ["loss.lambda_perc=0", "loss.lambda_adv_whole=0", "loss.lambda_adv_mask=0"]
+REALISTIC_MASKS = "surgical:3,cloth:2,n95:1,kn95:1"
+TABLE_COLUMNS = ("psnr_mask", "ssim_mask", "fd_mask", "identity", "psnr_whole", "landmarks")
+UNREACHABLE_EPOCHS = 1_000_000
+
+
+def default_mask_types() -> str:
+    """The realistic styles when unmask_cli.masks has them, else the config default."""
+    try:
+        from unmask_cli.masks import MASK_STYLES
+    except ImportError:
+        MASK_STYLES = {}
+    names = [item.split(":")[0] for item in REALISTIC_MASKS.split(",")]
+    if all(name in MASK_STYLES for name in names):
+        return REALISTIC_MASKS
+    from unmask_cli.config import PrepareConfig
+
+    return PrepareConfig().mask_types
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per model (wall clock)")
+    parser.add_argument("--images", type=int, default=3000, help="samples to prepare from UTKFace")
+    parser.add_argument("--source", type=Path, default=SHARED / "utkface")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality",
+                        help="folder for the data, both runs and the reports")
+    parser.add_argument("--prep-size", type=int, default=128, help="aligned crop size of the prepared data")
+    parser.add_argument("--mask-types", default=None, help=f"default: {REALISTIC_MASKS} (realistic styles)")
+    parser.add_argument("--val-fraction", type=float, default=0.04)
+    parser.add_argument("--test-fraction", type=float, default=0.08)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "quick.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="extra config override for both runs, e.g. --set train.batch_size=16")
+    parser.add_argument("--vgg-weights", default=None,
+                        help="VGG16 weights of the perceptual loss and FD (default: ../shared/weights/"
+                             "vgg16_features_imagenet.pth if present, else random)")
+    parser.add_argument("--eval-images", type=int, default=None, help="evaluate only the first N test images")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0 = torch default; use 1 when the cores are shared)")
+    parser.add_argument("--workers", type=int, default=2, help="prepare worker processes")
+    parser.add_argument("--skip-ablation", action="store_true")
+    args = parser.parse_args()
+    if args.minutes < 0.5:
+        parser.error("--minutes must be >= 0.5 (the trainer needs a few seconds to start)")
+    return args
+
+
+def resolve_vgg(spec: str | None) -> str:
+    if spec:
+        return spec
+    local = SHARED / "weights" / "vgg16_features_imagenet.pth"
+    return str(local) if local.is_file() else "random"
+
+
+def prepare_data(args: argparse.Namespace, console) -> Path:
+    from unmask_cli.prepare import PrepareOptions, run_prepare, summary_table
+    from unmask_cli.progress import make_progress
+
+    if not args.source.is_dir():
+        raise SystemExit(f"{args.source}: not found (the benchmark uses ../shared/utkface)")
+    root = args.work / "data"
+    opts = PrepareOptions(out=root, source=args.source, num_samples=args.images, size=args.prep_size,
+                          workers=args.workers, mask_types=args.mask_types, val_fraction=args.val_fraction,
+                          test_fraction=args.test_fraction)
+    console.print(f"[bold]1. prepare[/] {args.images} samples at {args.prep_size} px from {args.source} "
+                  f"(masks: {args.mask_types}) -> {root}")
+    with make_progress(console, unit="faces") as progress:
+        summary = run_prepare(opts, progress)
+    console.print(summary_table(summary))
+    return root
+
+
+def train_for_budget(cfg, run_dir: Path, data_root: Path, seconds: float, device: str, console) -> dict:
+    """Train from scratch until ``seconds`` of wall clock are spent (SIGTERM at the deadline -> the trainer
+    saves last.pt at the next batch boundary). Returns what happened."""
+    from unmask_cli.training import train
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg.train.epochs = UNREACHABLE_EPOCHS
+    pid = os.getpid()
+    timer = threading.Timer(seconds, lambda: os.kill(pid, signal.SIGTERM))
+    timer.daemon = True
+    start = time.perf_counter()
+    timer.start()
+    try:
+        summary = train(cfg, run_dir, data_root, resume=None, device_spec=device, console=console)
+    finally:
+        timer.cancel()
+    elapsed = time.perf_counter() - start
+    if summary.status != "interrupted":
+        raise SystemExit(f"{run_dir}: training ended with status {summary.status!r} before the budget")
+    return {"run_dir": str(run_dir), "seconds": round(elapsed, 1), "budget_seconds": seconds,
+            "global_step": summary.global_step, "epochs_done": summary.epochs_done,
+            "images_seen": summary.global_step * cfg.train.batch_size, "vgg": summary.vgg,
+            "best_val_psnr": summary.best_psnr, "best_epoch": summary.best_epoch}
+
+
+def evaluate(checkpoint: Path, data_root: Path, out: Path, vgg: str, args, console, baselines) -> object:
+    from unmask_cli.evaluation import run_eval
+    from unmask_cli.progress import make_progress
+
+    with make_progress(console, unit="img") as progress:
+        return run_eval(checkpoint, data_root, split="test", out=out, device=args.device, vgg_weights=vgg,
+                        max_images=args.eval_images, progress=progress, baselines=baselines)
+
+
+def check_targets(rows: dict[str, dict]) -> list[tuple[str, bool, str]]:
+    def mean(label: str, key: str) -> float:
+        value = rows[label][key]["mean"]
+        return math.nan if value is None else value
+
+    ours, telea = "ours (GAN)", "telea"
+    checks = [
+        (f"PSNR mask >= telea + 7 dB ({mean(ours, 'psnr_mask'):.2f} vs {mean(telea, 'psnr_mask') + 7:.2f})",
+         mean(ours, "psnr_mask") >= mean(telea, "psnr_mask") + 7),
+        (f"SSIM mask > telea ({mean(ours, 'ssim_mask'):.4f} vs {mean(telea, 'ssim_mask'):.4f})",
+         mean(ours, "ssim_mask") > mean(telea, "ssim_mask")),
+        (f"FD mask < telea ({mean(ours, 'fd_mask'):.4f} vs {mean(telea, 'fd_mask'):.4f})",
+         mean(ours, "fd_mask") < mean(telea, "fd_mask")),
+        (f"ID dist < telea ({mean(ours, 'identity'):.4f} vs {mean(telea, 'identity'):.4f})",
+         mean(ours, "identity") < mean(telea, "identity")),
+    ]
+    abl = "ablation (L1+SSIM)"
+    if abl in rows:
+        checks += [
+            (f"FD mask < ablation ({mean(ours, 'fd_mask'):.4f} vs {mean(abl, 'fd_mask'):.4f})",
+             mean(ours, "fd_mask") < mean(abl, "fd_mask")),
+            (f"ID dist < ablation ({mean(ours, 'identity'):.4f} vs {mean(abl, 'identity'):.4f})",
+             mean(ours, "identity") < mean(abl, "identity")),
+            (f"|PSNR mask - ablation| <= 1 dB ({mean(ours, 'psnr_mask') - mean(abl, 'psnr_mask'):+.2f} dB)",
+             abs(mean(ours, "psnr_mask") - mean(abl, "psnr_mask")) <= 1.0),
+        ]
+    return [(text, bool(ok), "PASS" if ok else "FAIL") for text, ok in checks]
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    from rich.console import Console
+    from rich.text import Text
+
+    from unmask_cli.config import load_config
+    from unmask_cli.errors import UnmaskError
+    from unmask_cli.evaluation import comparison_table
+    from unmask_cli.fileio import atomic_write_text
+
+    console = Console()
+    if not console.is_terminal:  # logs: wide enough for the comparison table
+        console = Console(width=140)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    args.mask_types = args.mask_types or default_mask_types()
+    args.work.mkdir(parents=True, exist_ok=True)
+    vgg = resolve_vgg(args.vgg_weights)
+    if vgg == "random":
+        console.print("[bold red]WARNING: no VGG16 weights (../shared/weights/vgg16_features_imagenet.pth missing):"
+                      " perceptual loss and FD use RANDOM weights; FD numbers are NOT meaningful[/]")
+    t0 = time.perf_counter()
+    try:
+        data_root = prepare_data(args, console)
+        prep_seconds = time.perf_counter() - t0
+        base = [f"loss.vgg_weights={vgg}", f"train.device={args.device}", *args.overrides]
+        runs = {"gan": base}
+        if not args.skip_ablation:
+            runs["ablation"] = [*base, *ABLATION_SET]
+        trained = {}
+        for step, (name, overrides) in enumerate(runs.items(), 2):
+            cfg = load_config(args.config, overrides)
+            console.print(f"[bold]{step}. train {name}[/] for {args.minutes:g} min: {args.config.name} "
+                          f"{' '.join(overrides)} ({cfg.data.image_size} px, torch threads "
+                          f"{torch.get_num_threads()})")
+            trained[name] = train_for_budget(cfg, args.work / name, data_root, args.minutes * 60, args.device,
+                                             console)
+            info = trained[name]
+            console.print(f"   {name}: {info['global_step']} steps ({info['images_seen']} images, "
+                          f"{info['epochs_done']} full epochs) in {info['seconds']:.0f} s")
+
+        console.print(f"[bold]{len(runs) + 2}. evaluate[/] the test split (FD network: {vgg})")
+        gan_report = evaluate(args.work / "gan" / "last.pt", data_root, args.work / "eval_gan", vgg, args, console,
+                              ("telea", "ns", "masked"))
+        rows = {"ours (GAN)": gan_report.summary["ours"]}
+        abl_report = None
+        if "ablation" in trained:
+            abl_report = evaluate(args.work / "ablation" / "last.pt", data_root, args.work / "eval_ablation", vgg,
+                                  args, console, ())
+            if abl_report.vgg != gan_report.vgg:  # the same FD network for both (random: same seed)
+                raise SystemExit(f"FD networks differ: {gan_report.vgg} vs {abl_report.vgg}")
+            rows["ablation (L1+SSIM)"] = abl_report.summary["ours"]
+        for name in ("telea", "ns", "masked"):
+            rows[name if name != "masked" else "masked (input)"] = gan_report.summary[name]
+    except UnmaskError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise SystemExit(1) from err
+
+    caption = Text(f"{gan_report.n_images} test faces at {gan_report.image_size} px from {args.source.name} "
+                   f"(masks: {args.mask_types}); {args.minutes:g} min of training per model on {args.device} "
+                   f"({torch.get_num_threads()} threads); GAN {trained['gan']['global_step']} steps"
+                   + (f", ablation {trained['ablation']['global_step']} steps" if "ablation" in trained else "")
+                   + "\nFD: ")
+    caption.append(gan_report.vgg, style="bold red" if gan_report.vgg_random else "")
+    if gan_report.vgg_random:
+        caption.append("  <- RANDOM weights: FD and perceptual loss are NOT meaningful", style="bold red")
+    console.print(comparison_table(list(rows.items()), title="quality benchmark (mask region; test split)",
+                                   caption=caption, columns=TABLE_COLUMNS))
+    targets = check_targets(rows)
+    for text, _, verdict in targets:
+        console.print(Text(f"  {verdict}  {text}", style="green" if verdict == "PASS" else "red"))
+
+    result = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "vgg": gan_report.vgg, "vgg_random": gan_report.vgg_random, "prepare_seconds": round(prep_seconds, 1),
+        "training": trained, "n_test_images": gan_report.n_images, "image_size": gan_report.image_size,
+        "summary": rows, "targets": [{"target": t, "pass": ok} for t, ok, _ in targets],
+        "reports": {"gan": str(gan_report.out), "ablation": str(abl_report.out) if abl_report else None},
+        "total_seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_text(args.work / "quality.json", json.dumps(result, indent=2) + "\n")
+    console.print(f"total {result['total_seconds'] / 60:.1f} min; reports in {args.work} (quality.json, "
+                  "eval_gan/comparison.png)")
+
+
+if __name__ == "__main__":
+    main()

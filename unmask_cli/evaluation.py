@@ -1,0 +1,594 @@
+"""``unmask eval``: score a checkpoint's generator on the held-out split of a prepared dataset.
+
+For every image of the split (resized to the model size, as in training) the generator fills the mask
+region of the masked face given the ground-truth map; the evaluated output is the *composite* (the input
+outside the map, generated pixels inside it), quantised to 8 bits like a saved result. The same images are
+also scored for the classical baselines of :mod:`unmask_cli.baselines` (``telea``, ``ns``) and for the
+masked input itself (``masked``: the score of doing nothing), so one run gives one comparison table.
+
+Metrics (all against the unmasked original, see :mod:`unmask_cli.metrics` and :mod:`unmask_cli.identity`):
+
+* PSNR, SSIM and FD (VGG16 feature distance, the network and layers of the checkpoint's perceptual loss
+  unless ``vgg_weights`` overrides the weights), each for the whole image and for the mask region;
+* identity distance (dlib face descriptors; with the manifest's aligned landmarks when present, so output
+  and original are compared on the same face chip) and landmark distance (68 points, inter-ocular units).
+
+Outputs (``out``, default ``<checkpoint folder>/eval_<split>``): ``metrics.json`` (header, summary per
+method and metric, per-image values), ``per_image.csv`` (one row per image and method) and
+``comparison.png`` (original | masked | telea | ours rows with per-image captions). Every file is written
+atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unmask_cli.errors import UnmaskError
+
+OURS = "ours"
+BASELINE_ORDER = ("telea", "ns", "masked")
+SPLIT_CHOICES = ("train", "val", "test", "all")
+FD_RANDOM_SEED = 0  # loss.vgg_weights=random: the FD network is the same in every evaluation
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    label: str
+    higher_is_better: bool
+    region: str  # "mask" | "whole" | "face"
+    digits: int
+
+
+# Order = column order of per_image.csv and of metrics.json summaries.
+METRICS: dict[str, MetricInfo] = {
+    "psnr_mask": MetricInfo("PSNR mask (dB)", True, "mask", 2),
+    "ssim_mask": MetricInfo("SSIM mask", True, "mask", 4),
+    "fd_mask": MetricInfo("FD mask", False, "mask", 4),
+    "psnr_whole": MetricInfo("PSNR whole (dB)", True, "whole", 2),
+    "ssim_whole": MetricInfo("SSIM whole", True, "whole", 4),
+    "fd_whole": MetricInfo("FD whole", False, "whole", 4),
+    "identity": MetricInfo("ID dist", False, "face", 4),
+    "landmarks": MetricInfo("landmark dist", False, "face", 4),
+}
+# Columns of the terminal table (rows = methods).
+TABLE_COLUMNS = ("psnr_mask", "ssim_mask", "fd_mask", "identity", "psnr_whole", "ssim_whole", "landmarks")
+
+# comparison.png layout: tiles are the model-size images enlarged (nearest neighbour) by an integer factor
+# to at least SHEET_MIN_TILE px, each with a caption band below; one header band on top; grid padding 2 px.
+SHEET_COLUMNS = ("original", "masked", "telea", OURS)
+SHEET_MIN_TILE = 192
+SHEET_CAPTION_HEIGHT = 46
+SHEET_HEADER_HEIGHT = 22
+SHEET_PADDING = 2
+
+
+@dataclass
+class EvalReport:
+    checkpoint: Path
+    epoch: int
+    global_step: int
+    data: Path
+    split: str
+    n_images: int
+    image_size: int
+    vgg: str  # description of the VGG16 weights used for FD
+    vgg_random: bool
+    train_vgg: str  # what the checkpoint's perceptual loss was trained with
+    device: str
+    identity_landmarks: str
+    methods: list[str]
+    summary: dict[str, dict[str, dict]]  # method -> metric -> {mean, std, count, nan}
+    per_image: list[dict]
+    out: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+    note: str = ""
+    skipped: list[dict] = field(default_factory=list)  # {"stem", "error"}: samples that could not be read
+
+    def mean(self, method: str, metric: str) -> float | None:
+        return self.summary[method][metric]["mean"]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N,3,H,W) in [-1,1] -> (N,H,W,3) uint8, rounded like a saved 8-bit image."""
+    x = images.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _to_unit(images: np.ndarray) -> torch.Tensor:
+    """(N,H,W,3) uint8 -> (N,3,H,W) float64 in [0,1] (exactly u8/255; the VGG gets a float32 copy)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double().div(255.0)
+
+
+def feature_distances(pred_maps: list[torch.Tensor], ref_maps: list[torch.Tensor],
+                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whole, region) FD per image, shape (N,) each, from precomputed VGG feature maps of the output and
+    the reference: the same arithmetic as :func:`unmask_cli.metrics.feature_distance` (mean over layers of
+    the mean absolute difference; region weights = the (N,1,H,W) mask resized to each map by area), without
+    a second VGG pass per metric and with the reference maps shared by every method."""
+    from unmask_cli.metrics import _masked_mean
+
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != pred_maps[0].shape[0]:
+        raise ValueError(f"mask must be (N, 1, H, W), got {tuple(mask.shape)}")
+    m = (mask.detach().cpu().to(torch.float64) > 0.5).to(torch.float64)
+    whole, region = [], []
+    for got, want in zip(pred_maps, ref_maps, strict=True):
+        diff = (got - want).cpu().to(torch.float64).abs()  # float64 on the CPU (MPS has no float64)
+        whole.append(diff.flatten(1).mean(1))
+        weights = F.interpolate(m, size=tuple(got.shape[2:]), mode="area")
+        region.append(_masked_mean(diff, weights))
+    return torch.stack(whole, 1).mean(1), torch.stack(region, 1).mean(1)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run small float64 metric kernels single-threaded: on 2 shared cores torch's intra-op threads make
+    the SSIM filters of 64-128 px images 10-40x slower (spin-waiting), never faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def load_fd_network(spec: str, layers: Sequence[int]) -> tuple[torch.nn.Module, str]:
+    """The VGG16 features for FD (:func:`unmask_cli.vgg.load_vgg_features`). ``random`` weights are drawn
+    from a fixed seed (without touching the global RNG), so FD values of two evaluations - e.g. a model
+    and its ablation - are computed by the same network even in smoke tests."""
+    from unmask_cli.vgg import load_vgg_features
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FD_RANDOM_SEED)
+        return load_vgg_features(spec, layers)
+
+
+def _vgg_maps(features: torch.nn.Module, layers: Sequence[int], images: torch.Tensor) -> list[torch.Tensor]:
+    from unmask_cli.metrics import vgg_feature_maps
+
+    param = next(features.parameters())
+    with torch.no_grad():
+        return vgg_feature_maps(features, images.to(device=param.device, dtype=param.dtype), layers)
+
+
+class _SkippingDataset:
+    """Wraps PairedDataset: a sample whose files are missing or unreadable becomes ``{"stem", "error"}``
+    instead of stopping the evaluation (it is reported as skipped)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        from unmask_cli.errors import BadInput
+
+        try:
+            return self.dataset[index]
+        except BadInput as err:
+            return {"stem": self.dataset.stems[index], "error": str(err)}
+
+
+def _collate(items: list[dict]) -> dict:
+    from torch.utils.data import default_collate
+
+    good = [it for it in items if "error" not in it]
+    batch = default_collate(good) if good else {"stem": []}
+    batch["errors"] = [(it["stem"], it["error"]) for it in items if "error" in it]
+    return batch
+
+
+def _scaled_landmarks(record: dict | None, image_size: int) -> np.ndarray | None:
+    """The manifest's aligned landmarks moved to the model size (pixel-centre convention)."""
+    if not record or "aligned_landmarks" not in record:
+        return None
+    pts = np.asarray(record["aligned_landmarks"], dtype=np.float64)
+    size = record.get("size")
+    if pts.shape != (68, 2) or not size:
+        return None
+    scale = image_size / float(size)
+    return (pts + 0.5) * scale - 0.5
+
+
+def _clean(value: Any) -> Any:
+    """JSON-friendly: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _fmt_csv(value: float) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.6g}"
+
+
+def resolve_split(split: str | None) -> str:
+    text = "all" if split is None else str(split).strip().lower()
+    if text not in SPLIT_CHOICES:
+        raise UnmaskError(f"unknown split '{split}' (use {', '.join(SPLIT_CHOICES)})")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+def run_eval(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike | None,
+    *,
+    split: str = "test",
+    out: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    vgg_weights: str | None = None,
+    max_images: int | None = None,
+    sheet_images: int = 8,
+    progress=None,
+    baselines: Sequence[str] = BASELINE_ORDER,
+) -> EvalReport:
+    """Evaluate ``checkpoint`` on ``split`` of the prepared dataset ``data`` and write the reports.
+
+    ``data`` None = the checkpoint's ``data.root``. ``split``: train, val, test or all (a folder without a
+    manifest has no splits: every image is used). ``vgg_weights`` overrides the checkpoint's
+    ``loss.vgg_weights`` for FD (imagenet | a weights file | random); the layers are always the
+    checkpoint's ``loss.vgg_layers``. ``max_images`` keeps the first N images of the split;
+    ``sheet_images`` rows go into ``comparison.png`` (0 = no sheet). ``baselines`` picks the classical
+    methods scored beside the generator (any of telea, ns, masked). ``progress``: a rich Progress.
+    """
+    from torch.utils.data import DataLoader
+
+    from unmask_cli.baselines import BASELINES
+    from unmask_cli.checkpoints import build_networks_from_checkpoint
+    from unmask_cli.data import PairedDataset, read_manifest
+    from unmask_cli.device import choose_device
+    from unmask_cli.fileio import remove_temp_files
+    from unmask_cli.identity import IdentityScorer
+    from unmask_cli.metrics import psnr, ssim, summarize
+    from unmask_cli.models import composite, generator_input
+    from unmask_cli.vgg import RANDOM_DESCRIPTION
+
+    start = time.perf_counter()
+    split_name = resolve_split(split)
+    if batch_size < 1:
+        raise UnmaskError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_images is not None and max_images < 1:
+        raise UnmaskError(f"--max-images must be >= 1, got {max_images}")
+    if sheet_images < 0:
+        raise UnmaskError(f"--sheet-images must be >= 0, got {sheet_images}")
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise UnmaskError(f"unknown baseline '{unknown[0]}' (known: {', '.join(BASELINES)})")
+    methods = [OURS, *[b for b in BASELINE_ORDER if b in baselines]]
+
+    dev = choose_device(device)
+    checkpoint = Path(checkpoint)
+    model = build_networks_from_checkpoint(checkpoint, dev)
+    cfg = model.config
+    size = model.image_size
+    data_root = Path(data) if data is not None else Path(cfg.data.root)
+
+    dataset = PairedDataset(data_root, None if split_name == "all" else split_name, size)
+    records = {r["stem"]: r for r in read_manifest(data_root)}
+    note = "" if records else "no manifest.jsonl: every image of the folder is used (no splits)"
+    if not dataset.stems:
+        if split_name == "all":
+            raise UnmaskError("the dataset has no samples; run 'unmask prepare'", data_root)
+        others = [s for s in ("val", "all") if s != split_name]
+        raise UnmaskError(f"no images in the '{split_name}' split of manifest.jsonl; try "
+                          + " or ".join(f"--split {s}" for s in others), data_root)
+    if max_images is not None:
+        dataset.stems = dataset.stems[:max_images]
+    n_total = len(dataset.stems)
+
+    out_dir = Path(out) if out is not None else checkpoint.parent / f"eval_{split_name}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UnmaskError("output path exists and is not a folder", out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UnmaskError(f"cannot create the output folder ({err.strerror or err})", out_dir) from err
+    remove_temp_files(out_dir)
+
+    spec = vgg_weights if vgg_weights is not None else cfg.loss.vgg_weights
+    layers = [int(i) for i in cfg.loss.vgg_layers]
+    features, vgg_description = load_fd_network(spec, layers)
+    features = features.to(dev)
+    vgg_random = vgg_description == RANDOM_DESCRIPTION
+    scorer = IdentityScorer()
+    n_landmarked = 0
+
+    loader = DataLoader(_SkippingDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=0,
+                        collate_fn=_collate)
+    task = progress.add_task(f"eval {split_name}", total=n_total) if progress is not None else None
+    per_image: list[dict] = []
+    values: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in methods}
+    sheet: list[dict] = []
+    skipped: list[dict] = []
+
+    for batch in loader:
+        skipped.extend({"stem": stem, "error": error} for stem, error in batch["errors"])
+        if task is not None and batch["errors"]:
+            progress.update(task, advance=len(batch["errors"]))
+        if not batch["stem"]:
+            continue
+        masked_t, mask_t, original_t = batch["masked"], batch["mask"], batch["original"]
+        with torch.no_grad():
+            generated = model.G(generator_input(masked_t.to(dev), mask_t.to(dev))).float()
+            ours = composite(masked_t.to(dev), mask_t.to(dev), generated)
+        masked_u8 = _to_uint8(masked_t)
+        original_u8 = _to_uint8(original_t)
+        mask_np = mask_t[:, 0].numpy() > 0.5
+        outputs = {OURS: _to_uint8(ours)}
+        for name in methods[1:]:
+            fn = BASELINES[name]
+            outputs[name] = np.stack([fn(img, m) for img, m in zip(masked_u8, mask_np, strict=True)])
+
+        ref = _to_unit(original_u8)
+        ref_maps = _vgg_maps(features, layers, ref)
+        batch_values: dict[str, dict[str, np.ndarray]] = {}
+        for name, imgs in outputs.items():
+            pred = _to_unit(imgs)
+            fd_whole, fd_mask = feature_distances(_vgg_maps(features, layers, pred), ref_maps, mask_t)
+            with _torch_threads(1):
+                batch_values[name] = {
+                    "psnr_mask": psnr(pred, ref, mask_t).numpy(),
+                    "ssim_mask": ssim(pred, ref, mask_t).numpy(),
+                    "fd_mask": fd_mask.numpy(),
+                    "psnr_whole": psnr(pred, ref).numpy(),
+                    "ssim_whole": ssim(pred, ref).numpy(),
+                    "fd_whole": fd_whole.numpy(),
+                }
+
+        for i, stem in enumerate(batch["stem"]):
+            landmarks = _scaled_landmarks(records.get(stem), size)
+            n_landmarked += landmarks is not None
+            ref_descriptor = scorer.descriptor(original_u8[i], landmarks)
+            row = {"stem": stem, "split": (records.get(stem) or {}).get("split", ""),
+                   "mask_fraction": float(mask_np[i].mean()), "methods": {}}
+            for name in methods:
+                metrics = {k: float(batch_values[name][k][i]) for k in METRICS if k in batch_values[name]}
+                out_img = outputs[name][i]
+                metrics["identity"] = float(np.linalg.norm(scorer.descriptor(out_img, landmarks) - ref_descriptor))
+                metrics["landmarks"] = scorer.landmark_distance(out_img, original_u8[i])
+                metrics = {k: metrics[k] for k in METRICS}
+                row["methods"][name] = metrics
+                for k, v in metrics.items():
+                    values[name][k].append(v)
+            per_image.append(row)
+            if len(sheet) < sheet_images:
+                sheet.append({"stem": stem, "original": original_u8[i], "masked": masked_u8[i],
+                              "mask_fraction": row["mask_fraction"],
+                              "images": {name: outputs[name][i] for name in methods},
+                              "metrics": row["methods"]})
+        if task is not None:
+            progress.update(task, advance=len(batch["stem"]))
+
+    if not per_image:
+        raise UnmaskError(f"none of the {n_total} images of the '{split_name}' split could be read (first: "
+                          f"{skipped[0]['error']})", data_root)
+    n_total = len(per_image)
+    summary = {name: {k: summarize(v) for k, v in values[name].items()} for name in methods}
+    if n_landmarked == n_total:
+        identity_landmarks = "manifest aligned landmarks (same face chip for output and original)"
+    elif n_landmarked == 0:
+        identity_landmarks = "dlib detector + 68-landmark predictor on each image"
+    else:
+        identity_landmarks = (f"manifest aligned landmarks for {n_landmarked} images, dlib detector for "
+                              f"{n_total - n_landmarked}")
+    report = EvalReport(
+        checkpoint=checkpoint, epoch=model.epoch, global_step=model.global_step, data=data_root,
+        split=split_name, n_images=n_total, image_size=size, vgg=vgg_description, vgg_random=vgg_random,
+        train_vgg=model.vgg, device=str(dev), identity_landmarks=identity_landmarks, methods=methods,
+        summary=summary, per_image=per_image, out=out_dir, note=note, skipped=skipped,
+    )
+    report.files = _write_outputs(report, layers, spec, sheet)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def _write_outputs(report: EvalReport, layers: list[int], spec: str, sheet: list[dict]) -> dict[str, Path]:
+    from unmask_cli.fileio import atomic_write_text, write_image
+
+    out = report.out
+    files = {"metrics": out / "metrics.json", "per_image": out / "per_image.csv"}
+    header = {
+        "checkpoint": str(report.checkpoint.resolve()), "epoch": report.epoch, "global_step": report.global_step,
+        "data": str(report.data.resolve()), "split": report.split, "n_images": report.n_images,
+        "image_size": report.image_size, "vgg": report.vgg, "vgg_weights": spec, "vgg_layers": layers,
+        "vgg_random": report.vgg_random, "train_vgg": report.train_vgg, "device": report.device,
+        "identity_landmarks": report.identity_landmarks, "output": "composite (input outside the mask, "
+        "generated inside), 8-bit", "note": report.note,
+    }
+    doc = {
+        **header, "methods": report.methods,
+        "metrics": {k: {"label": v.label, "higher_is_better": v.higher_is_better, "region": v.region}
+                    for k, v in METRICS.items()},
+        "summary": report.summary, "per_image": report.per_image, "skipped": report.skipped,
+    }
+    atomic_write_text(files["metrics"], json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["stem", "split", "method", "mask_fraction", *METRICS])
+    for row in report.per_image:
+        for method, metrics in row["methods"].items():
+            writer.writerow([row["stem"], row["split"], method, f"{row['mask_fraction']:.6g}",
+                             *(_fmt_csv(metrics[k]) for k in METRICS)])
+    atomic_write_text(files["per_image"], buffer.getvalue())
+
+    if sheet:
+        files["comparison"] = out / "comparison.png"
+        write_image(files["comparison"], comparison_sheet(sheet, report.image_size))
+    else:  # no sheet asked for: do not leave one of an earlier evaluation beside these reports
+        (out / "comparison.png").unlink(missing_ok=True)
+    return files
+
+
+def sheet_tile_size(image_size: int) -> int:
+    """Edge of one image tile in comparison.png: the image enlarged by the smallest integer factor that
+    reaches :data:`SHEET_MIN_TILE` px."""
+    return image_size * max(1, math.ceil(SHEET_MIN_TILE / image_size))
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _caption_lines(column: str, item: dict) -> list[tuple[str, tuple[int, int, int]]]:
+    if column == "original":
+        return [(item["stem"], (0, 0, 0)), ("reference", (90, 90, 90))]
+    if column == "masked":
+        return [("input", (0, 0, 0)), (f"mask {item['mask_fraction']:.0%} of the image", (90, 90, 90))]
+    m = item["metrics"][column]
+    colour = (0, 90, 0) if column == OURS else (140, 40, 0)
+
+    def num(key: str, digits: int) -> str:
+        value = m[key]
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+    return [(f"PSNR {num('psnr_mask', 2)} dB  SSIM {num('ssim_mask', 3)}", colour),
+            (f"FD {num('fd_mask', 3)}  ID {num('identity', 3)}", colour)]
+
+
+def _tile(image: np.ndarray, tile: int, lines: list[tuple[str, tuple[int, int, int]]]) -> torch.Tensor:
+    import cv2
+    from PIL import Image, ImageDraw
+
+    big = cv2.resize(image, (tile, tile), interpolation=cv2.INTER_NEAREST)
+    canvas = Image.new("RGB", (tile, tile + SHEET_CAPTION_HEIGHT), (255, 255, 255))
+    canvas.paste(Image.fromarray(big), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(12)
+    for k, (text, colour) in enumerate(lines):
+        draw.text((4, tile + 4 + 15 * k), text, fill=colour, font=font)
+    arr = np.asarray(canvas)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
+
+
+def comparison_sheet(items: list[dict], image_size: int) -> np.ndarray:
+    """uint8 (H, W, 3) sheet: a header band, then one row per image: original | masked | telea | ours,
+    each tile captioned (mask-region PSNR/SSIM/FD and identity distance for telea and ours).
+
+    Size: width ``4*(T+p)+p``, height ``SHEET_HEADER_HEIGHT + n*(T+C+p)+p`` with T = :func:`sheet_tile_size`,
+    C = SHEET_CAPTION_HEIGHT, p = SHEET_PADDING.
+    """
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+
+    tile = sheet_tile_size(image_size)
+    tiles = []
+    for item in items:
+        for column in SHEET_COLUMNS:
+            if column == "original":
+                image = item["original"]
+            elif column == "masked":
+                image = item["masked"]
+            elif column in item["images"]:
+                image = item["images"][column]
+            else:  # the baseline was not evaluated: an empty tile
+                image = np.full((image_size, image_size, 3), 255, np.uint8)
+            lines = _caption_lines(column, item) if column in ("original", "masked") or column in item["images"] \
+                else [("not evaluated", (90, 90, 90))]
+            tiles.append(_tile(image, tile, lines))
+    grid = make_grid(torch.stack(tiles), nrow=len(SHEET_COLUMNS), padding=SHEET_PADDING, pad_value=1.0)
+    body = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    header = Image.new("RGB", (body.shape[1], SHEET_HEADER_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(header)
+    font = _font(13)
+    titles = {"original": "original", "masked": "masked input", "telea": "telea (cv2)", OURS: "ours (GAN)"}
+    for j, column in enumerate(SHEET_COLUMNS):
+        draw.text((SHEET_PADDING + j * (tile + SHEET_PADDING) + 4, 4), titles[column], fill=(0, 0, 0), font=font)
+    return np.concatenate([np.asarray(header), body], axis=0)
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+def _cell(value: float | None, digits: int) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def comparison_table(rows: Sequence[tuple[str, dict[str, dict]]], title: str | None = None, caption=None,
+                     columns: Sequence[str] = TABLE_COLUMNS):
+    """A rich Table: one row per (label, summary) with summary = {metric: {"mean": ...}}; the best value of
+    each column is bold green (↑ higher is better, ↓ lower)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, caption=caption, show_header=True, caption_justify="left")
+    table.add_column("method", style="bold")
+    best: dict[str, float] = {}
+    for key in columns:
+        info = METRICS[key]
+        table.add_column(f"{info.label} {'↑' if info.higher_is_better else '↓'}", justify="right")
+        means = [s[key]["mean"] for _, s in rows if s.get(key) and s[key]["mean"] is not None
+                 and math.isfinite(s[key]["mean"])]
+        if len(means) > 1:
+            best[key] = max(means) if info.higher_is_better else min(means)
+    for label, summary in rows:
+        cells = []
+        for key in columns:
+            mean = summary[key]["mean"] if summary.get(key) else None
+            text = _cell(mean, METRICS[key].digits)
+            cells.append(Text(text, style="bold green" if key in best and mean == best[key] else ""))
+        table.add_row(Text(label), *cells)
+    return table
+
+
+def report_caption(report: EvalReport):
+    from rich.text import Text
+
+    text = Text()
+    text.append(f"checkpoint {report.checkpoint} (epoch {report.epoch}); data {report.data}; split "
+                f"{report.split}; {report.n_images} images at {report.image_size} px; device {report.device}\n")
+    text.append("FD network: ")
+    text.append(report.vgg, style="bold red" if report.vgg_random else "")
+    if report.vgg_random:
+        text.append("  <- random VGG weights: FD values are NOT meaningful", style="bold red")
+    text.append(f"\nidentity: {report.identity_landmarks}; ID dist < 0.6 = same person (dlib); output = composite")
+    if report.note:
+        text.append(f"\n{report.note}", style="yellow")
+    if report.skipped:
+        text.append(f"\n{len(report.skipped)} unreadable sample(s) skipped (listed in metrics.json), e.g. "
+                    f"{report.skipped[0]['error']}", style="yellow")
+    return text
+
+
+def report_table(report: EvalReport):
+    """The terminal summary of :func:`run_eval`: rows = methods (ours first), columns = mask-region
+    PSNR/SSIM/FD/ID, whole-image PSNR/SSIM and landmark distance; the caption names the checkpoint, data,
+    split, image count and the VGG weights of FD."""
+    labels = {OURS: "ours (GAN)", "telea": "telea", "ns": "ns", "masked": "masked (input)"}
+    rows = [(labels.get(m, m), report.summary[m]) for m in report.methods]
+    return comparison_table(rows, title=f"unmask eval: {report.split} split, {report.n_images} images",
+                            caption=report_caption(report))
