@@ -127,6 +127,35 @@ def train(
         raise typer.Exit(130)
 
 
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint from 'unmask train' (last.pt, best.pt, epoch_NNN.pt).")],
+    data: Annotated[Path | None, typer.Option(help="Prepared dataset (or a folder with original_celeba_aligned/, masked_images/, mask_maps/). Default: the checkpoint's data.root.")] = None,
+    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Report folder. Default: <checkpoint folder>/eval_<split>.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    vgg_weights: Annotated[str | None, typer.Option(help="VGG16 weights for FD: imagenet, a weights file, or random. Default: the checkpoint's loss.vgg_weights.")] = None,
+    max_images: Annotated[int | None, typer.Option(help="Evaluate only the first N images of the split.")] = None,
+    sheet_images: Annotated[int, typer.Option(help="Rows in comparison.png (0 = none).")] = 8,
+    baselines: Annotated[str, typer.Option(help="Classical methods scored beside the GAN: any of telea,ns,masked.")] = "telea,ns,masked",
+) -> None:
+    """Score a checkpoint on held-out faces against classical inpainting (OpenCV Telea and Navier-Stokes).
+
+    PSNR, SSIM, VGG feature distance (whole image and mask region), dlib identity and landmark distances.
+    Writes metrics.json, per_image.csv and comparison.png, and prints the table.
+    """
+    from unmask_cli.evaluation import report_table, run_eval
+
+    names = tuple(b.strip() for b in baselines.split(",") if b.strip())
+    with make_progress(console, unit="img") as progress:
+        report = run_eval(checkpoint, data, split=split, out=out, batch_size=batch_size, device=device,
+                          vgg_weights=vgg_weights, max_images=max_images, sheet_images=sheet_images,
+                          progress=progress, baselines=names)
+    console.print(report_table(report))
+    console.print(f"reports: [bold]{report.out}[/] (metrics.json, per_image.csv, comparison.png)")
+
+
 @app.command()
 def infer(
     in_dir: Annotated[Path, typer.Argument(help="Folder of masked photos (or aligned crops with --aligned).")],
