@@ -20,10 +20,15 @@ TMP_MARK = ".unmask-tmp-"
 MAX_PIXELS = 120_000_000  # ~11000x11000; larger files are refused, not decoded
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             if fsync:

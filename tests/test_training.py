@@ -1,0 +1,457 @@
+"""The training job: outputs, checkpoints (safe loading, errors), exact resume, signals and SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from unmask_cli.checkpoints import build_networks_from_checkpoint, load_checkpoint, save_checkpoint
+from unmask_cli.config import load_config
+from unmask_cli.data import PairedDataset
+from unmask_cli.device import DeviceSetup, setup_device
+from unmask_cli.errors import UnmaskError
+from unmask_cli.fileio import TMP_MARK, read_image, write_image
+from unmask_cli.losses import GeneratorLoss
+from unmask_cli.models import build_networks, composite, generator_input
+from unmask_cli.training import METRIC_FIELDS, read_metrics, train, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = [
+    "data.image_size=64", "data.num_workers=0", "model.ngf=8", "model.ndf=8", "model.nmf=4",
+    "loss.vgg_weights=random", "loss.vgg_layers=[3]", "train.batch_size=2", "train.num_sample_images=3",
+    "train.lr_g=0.001", "train.lr_d=0.0005", "train.save_interval=2",
+]
+
+
+def make_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 64, seed: int = 0) -> Path:
+    """A prepared folder in the documented layout: smooth backgrounds with a disc, a rectangular 'mask'."""
+    rng = np.random.default_rng(seed)
+    for sub in ("original_celeba_aligned", "masked_images", "mask_maps"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    lines = []
+    for i in range(n_train + n_val):
+        stem = f"{i:06d}"
+        c0, c1 = rng.uniform(40, 215, 3), rng.uniform(40, 215, 3)
+        img = c0 * (1 - yy[..., None]) + c1 * yy[..., None]
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+        img[((xx - cx) ** 2 + (yy - cy) ** 2) < r * r] = rng.uniform(0, 255, 3)
+        img = img.clip(0, 255).astype(np.uint8)
+        mask = np.zeros((size, size), bool)
+        top, left = int(size * rng.uniform(0.45, 0.6)), int(size * rng.uniform(0.15, 0.3))
+        mask[top: top + size // 3, left: size - left] = True
+        masked = img.copy()
+        masked[mask] = (170, 200, 230)
+        write_image(root / "original_celeba_aligned" / f"{stem}.png", img)
+        write_image(root / "masked_images" / f"{stem}.png", masked)
+        write_image(root / "mask_maps" / f"{stem}.png", (mask * 255).astype(np.uint8))
+        lines.append(json.dumps({"stem": stem, "split": "train" if i < n_train else "val"}) + "\n")
+    (root / "manifest.jsonl").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These networks are tiny: one intra-op thread is as fast, and immune to OpenMP oversubscription when
+    other jobs share the machine's cores. Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("prepared"))
+
+
+def cfg_with(*overrides: str):
+    return load_config(None, [*BASE, *overrides])
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), force_terminal=False, width=100)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(path)
+    return {f"{net}.{k}": v for net, sd in ckpt["networks"].items() for k, v in sd.items()}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def loss_columns(path: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("time_s", "img_per_s")} for row in read_metrics(path)]
+
+
+def no_temp_files(run_dir: Path) -> bool:
+    return not [p for p in run_dir.rglob("*") if TMP_MARK in p.name]
+
+
+# ---------------------------------------------------------------------------------------- train step
+
+def _batch(root: Path, n: int) -> dict:
+    ds = PairedDataset(root, "train", 64)
+    return {k: torch.stack([ds[i][k] for i in range(n)]) for k in ("masked", "mask", "original")}
+
+
+def _step_parts(cfg):
+    torch.manual_seed(0)
+    nets = build_networks(cfg)
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    optimizers = {
+        "G": torch.optim.Adam(nets["G"].parameters(), cfg.train.lr_g, betas=betas),
+        "D": torch.optim.Adam([*nets["D_whole"].parameters(), *nets["D_mask"].parameters()], cfg.train.lr_d,
+                              betas=betas),
+        "M": torch.optim.Adam(nets["M"].parameters(), cfg.train.lr_g, betas=betas),
+    }
+    dev = setup_device("cpu")
+    return nets, optimizers, dev.grad_scaler(), dev, GeneratorLoss(cfg.loss, None)
+
+
+def test_discriminators_see_whole_image_and_composite(data_root):
+    cfg = cfg_with("loss.lambda_perc=0")
+    nets, optimizers, scaler, dev, gen_loss = _step_parts(cfg)
+    batch = _batch(data_root, 2)
+    seen: dict[str, list] = {"G": [], "D_whole": [], "D_mask": []}
+    for name in seen:
+        nets[name].register_forward_hook(lambda m, i, o, name=name: seen[name].append((i[0].detach(), o.detach())))
+    train_step(batch, nets, optimizers, scaler, dev, gen_loss, cfg.loss.lambda_map)
+    assert len(seen["G"]) == 1
+    g_in, generated = seen["G"][0]
+    assert torch.equal(g_in, generator_input(batch["masked"], batch["mask"]))
+    masked, mask, original = batch["masked"], batch["mask"], batch["original"]
+    fake_composite = composite(masked, mask, generated)
+    # D step: real then fake; G step: fake again
+    whole = [x for x, _ in seen["D_whole"]]
+    assert len(whole) == 3
+    assert torch.equal(whole[0], original) and torch.equal(whole[1], generated) and torch.equal(whole[2], generated)
+    dmask = [x for x, _ in seen["D_mask"]]
+    assert len(dmask) == 3
+    assert torch.equal(dmask[0], composite(masked, mask, original))
+    assert torch.allclose(dmask[0], original, atol=1e-6)  # the data keeps masked == original outside the map
+    assert torch.equal(dmask[1], fake_composite) and torch.equal(dmask[2], fake_composite)
+    outside = (mask == 0).expand_as(masked)
+    assert torch.equal(dmask[1][outside], masked[outside]) and not torch.equal(dmask[1], generated)
+
+
+def test_losses_fall_when_overfitting_eight_images(tmp_path):
+    root = make_dataset(tmp_path / "data", n_train=8, n_val=0, seed=1)
+    cfg = cfg_with("loss.lambda_perc=0")
+    nets, optimizers, scaler, dev, gen_loss = _step_parts(cfg)
+    batch = _batch(root, 8)
+    history = [train_step(batch, nets, optimizers, scaler, dev, gen_loss, 1.0) for _ in range(40)]
+    first, last = history[0], history[-1]
+    assert all(np.isfinite(list(h.values())).all() for h in history)
+    assert last["g_l1"] < 0.8 * first["g_l1"], (first["g_l1"], last["g_l1"])
+    assert last["g_ssim"] < 0.5 * first["g_ssim"]
+    assert last["g_total"] < 0.6 * first["g_total"]
+    assert last["map_loss"] < first["map_loss"]
+
+
+def test_amp_and_channels_last_path_runs_the_same_step_code(data_root):
+    """The CUDA switches (autocast fp16 + GradScaler + channels_last) exercised on the CPU: same train_step."""
+    cfg = cfg_with("loss.lambda_perc=0")
+    nets, optimizers, _, _, gen_loss = _step_parts(cfg)
+    dev = DeviceSetup(torch.device("cpu"), amp=True, channels_last=True)
+    nets = {name: dev.module(net) for name, net in nets.items()}
+    assert nets["G"].downs[1][1].weight.is_contiguous(memory_format=torch.channels_last)
+    scaler = dev.grad_scaler()
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0**10
+    batch = _batch(data_root, 2)
+    history = [train_step(batch, nets, optimizers, scaler, dev, gen_loss, 1.0) for _ in range(8)]
+    assert all(np.isfinite(list(h.values())).all() for h in history)
+    assert history[-1]["g_l1"] < history[0]["g_l1"] and history[-1]["g_total"] < history[0]["g_total"]
+    assert scaler.get_scale() > 1
+
+
+# -------------------------------------------------------------------------------------------- a run
+
+def test_train_writes_run_folder(tmp_path, data_root):
+    run = tmp_path / "runs" / "demo"
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=80)
+    summary = train(cfg_with("train.epochs=2"), run, data_root, device_spec="cpu", console=console)
+    assert summary.status == "completed" and summary.epochs_done == 2 and summary.global_step == 6
+    assert summary.best_psnr is not None and summary.best_epoch in (1, 2)
+    assert "RANDOM VGG" in summary.vgg
+    for name in ("config.yaml", "metrics.csv", "meta.json", "last.pt", "best.pt", "epoch_002.pt",
+                 "samples/epoch_001.png", "samples/epoch_002.png"):
+        assert (run / name).is_file(), name
+    assert not (run / "epoch_001.pt").exists()
+    assert no_temp_files(run)
+    assert load_config(run / "config.yaml").train.epochs == 2
+
+    with open(run / "metrics.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == METRIC_FIELDS
+        rows = list(reader)
+    assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["3", "6"]
+    for row in rows:
+        for key in METRIC_FIELDS:
+            assert row[key] != "" and np.isfinite(float(row[key])), key
+        assert 0 <= float(row["val_iou"]) <= 1 and float(row["val_psnr"]) > 5
+
+    grid = read_image(run / "samples" / "epoch_002.png")
+    # rows masked | output | original; one column per fixed validation face (2 < num_sample_images=3)
+    assert grid.shape == (2 + 3 * (64 + 2), 2 + 2 * (64 + 2), 3)
+
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["vgg"] == summary.vgg and meta["device"] == "cpu" and meta["torch"] == torch.__version__
+    assert meta["data_root"] == str(data_root.resolve()) and meta["started_at"]
+
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["format"] == "unmask-checkpoint" and ckpt["version"] == 1
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 6 and ckpt["samples_in_epoch"] == 0
+    assert set(ckpt["networks"]) == {"G", "D_whole", "D_mask", "M"} and set(ckpt["optimizers"]) == {"G", "D", "M"}
+    assert {"torch", "numpy", "python", "cuda"} <= set(ckpt["rng"]) and ckpt["vgg"] == summary.vgg
+    assert os.path.samefile(run / "last.pt", run / "epoch_002.pt")
+
+    text = out.getvalue()  # a non-terminal console: plain lines, no progress-bar redraws
+    assert "epoch 1/2" in text and "epoch 2/2" in text and "━" not in text and "\r" not in text
+    assert len(text.splitlines()) < 12
+
+    again = train(cfg_with("train.epochs=2"), run, data_root, device_spec="cpu", console=quiet())
+    assert again.status == "already-complete" and "already trained 2 epochs" in again.message
+    assert len(read_metrics(run / "metrics.csv")) == 2
+
+    with pytest.raises(UnmaskError, match="already has checkpoints.*another --name"):
+        train(cfg_with("train.epochs=3"), run, data_root, resume=None, device_spec="cpu", console=quiet())
+
+
+def test_checkpoint_round_trip_and_model_rebuild(tmp_path, data_root):
+    run = tmp_path / "run"
+    train(cfg_with("train.epochs=1", "model.dropout=0.5"), run, data_root, device_spec="cpu", console=quiet())
+    ckpt = load_checkpoint(run / "last.pt")
+    copy = tmp_path / "copy.pt"
+    save_checkpoint(copy, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    again = load_checkpoint(copy)
+    assert again.keys() == ckpt.keys()
+    assert_bitwise_equal(weights(run / "last.pt"), weights(copy))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert copy.stat().st_mode & 0o777 == 0o666 & ~umask  # like a normal file, not mkstemp's 0600
+
+    model = build_networks_from_checkpoint(copy, "cpu")
+    assert model.epoch == 1 and model.image_size == 64 and model.M is not None and not model.G.training
+    assert model.config.model.ngf == 8 and "RANDOM" in model.vgg
+    assert_bitwise_equal({f"G.{k}": v for k, v in model.G.state_dict().items()},
+                         {k: v for k, v in weights(copy).items() if k.startswith("G.")})
+    x = torch.rand(1, 4, 64, 64)
+    assert torch.equal(model.G(x), model.G(x))  # eval mode: dropout off
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_bad_checkpoint_files_give_one_line_errors(tmp_path, data_root):
+    run = tmp_path / "run"
+    train(cfg_with("train.epochs=1", "loss.lambda_perc=0"), run, data_root, device_spec="cpu", console=quiet())
+    good = (run / "last.pt").read_bytes()
+
+    def error_of(path: Path) -> str:
+        with pytest.raises(UnmaskError) as info:
+            load_checkpoint(path)
+        text = str(info.value)
+        assert "\n" not in text and str(path) in text
+        return text
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    assert "truncated or corrupt" in error_of(truncated)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert "empty" in error_of(empty)
+    text_file = tmp_path / "notes.pt"
+    text_file.write_text("hello, not a checkpoint\n")
+    assert "cannot load checkpoint" in error_of(text_file)
+    tensor_file = tmp_path / "tensor.pt"
+    torch.save({"G": torch.zeros(3)}, tensor_file)
+    assert "not an unmask checkpoint" in error_of(tensor_file)
+    assert "not found" in error_of(tmp_path / "missing.pt")
+
+    # a pickle that would run a shell command when unpickled: refused, never executed
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for name, data in (("evil2.pt", pickle.dumps(Evil(), protocol=2)), ("evil4.pt", pickle.dumps(Evil()))):
+        (tmp_path / name).write_bytes(data)
+        assert "cannot load checkpoint" in error_of(tmp_path / name)
+    torch.save({"format": "unmask-checkpoint", "payload": Evil()}, tmp_path / "evil_zip.pt")
+    assert "refused" in error_of(tmp_path / "evil_zip.pt") and "system" in error_of(tmp_path / "evil_zip.pt")
+    assert not marker.exists()
+
+    # resuming with another architecture/size, and a checkpoint whose weights do not fit its config
+    with pytest.raises(UnmaskError) as info:
+        train(cfg_with("train.epochs=2", "loss.lambda_perc=0", "data.image_size=128"), run, data_root,
+              device_spec="cpu", console=quiet())
+    assert "another network/size" in str(info.value) and "data.image_size=64" in str(info.value)
+    with pytest.raises(UnmaskError, match="model.ngf=8 in the checkpoint, 16 now"):
+        train(cfg_with("train.epochs=2", "loss.lambda_perc=0", "model.ngf=16"), run, data_root, device_spec="cpu",
+              console=quiet())
+    ckpt = load_checkpoint(run / "last.pt")
+    ckpt["config"]["model"]["ngf"] = 16
+    save_checkpoint(tmp_path / "mismatch.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    with pytest.raises(UnmaskError) as info:
+        build_networks_from_checkpoint(tmp_path / "mismatch.pt")
+    assert "does not match the network 'G'" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(UnmaskError, match="another network/size"):
+        train(cfg_with("train.epochs=2", "loss.lambda_perc=0"), tmp_path / "other", data_root,
+              resume=tmp_path / "mismatch.pt", device_spec="cpu", console=quiet())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_sample_is_a_one_line_error(tmp_path, workers):
+    root = make_dataset(tmp_path / "data", n_train=2, n_val=1)  # sample faces come from val: the loader hits it
+    bad = root / "masked_images" / "000001.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(UnmaskError) as info:
+        train(cfg_with("train.epochs=1", "loss.lambda_perc=0", f"data.num_workers={workers}"), tmp_path / "run",
+              root, device_spec="cpu", console=quiet())
+    text = str(info.value)
+    assert str(bad) in text and "\n" not in text and "Traceback" not in text and "rerunning resumes" in text
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+def _signal_after(monkeypatch, calls: int, signum: int) -> None:
+    """Deliver ``signum`` to this process during the ``calls``-th training step (like a Ctrl-C/kill)."""
+    import unmask_cli.training as training
+
+    real_step = training.train_step
+    count = {"n": 0}
+
+    def step(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            os.kill(os.getpid(), signum)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", step)
+
+
+@pytest.mark.parametrize("how", ["sigint-mid-epoch", "sigterm-mid-epoch", "epoch-boundary"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, data_root, monkeypatch, how):
+    # 6 training images, batch 2 -> 3 steps per epoch, 3 epochs; dropout and the VGG term are on
+    overrides = ("train.epochs=3", "model.dropout=0.5")
+    full = tmp_path / "full"
+    train(cfg_with(*overrides), full, data_root, device_spec="cpu", console=quiet())
+
+    part = tmp_path / "part"
+    if how == "epoch-boundary":
+        first = train(cfg_with("train.epochs=1", "model.dropout=0.5"), part, data_root, device_spec="cpu",
+                      console=quiet())
+        assert first.status == "completed" and first.epochs_done == 1
+    else:
+        signum = signal.SIGINT if how == "sigint-mid-epoch" else signal.SIGTERM
+        with monkeypatch.context() as patch:
+            _signal_after(patch, 5, signum)  # the 2nd step of epoch 2
+            previous = signal.getsignal(signum)
+            first = train(cfg_with(*overrides), part, data_root, device_spec="cpu", console=quiet())
+            assert signal.getsignal(signum) is previous  # handlers restored
+        assert first.status == "interrupted" and first.global_step == 5 and first.epochs_done == 1
+        ckpt = load_checkpoint(part / "last.pt")
+        assert ckpt["epoch"] == 1 and ckpt["samples_in_epoch"] == 4 and ckpt["global_step"] == 5
+        assert [r["epoch"] for r in read_metrics(part / "metrics.csv")] == ["1"]
+    # a row the checkpoint does not cover (as after a kill between metrics.csv and last.pt) is dropped
+    with open(part / "metrics.csv", "a") as handle:
+        handle.write("2,999" + "," * (len(METRIC_FIELDS) - 2) + "\n")
+
+    out = io.StringIO()
+    resumed = train(cfg_with(*overrides), part, data_root, device_spec="cpu",
+                    console=Console(file=out, force_terminal=False, width=200))
+    assert resumed.status == "completed" and resumed.resumed_from == part / "last.pt"
+    assert resumed.global_step == 9 and resumed.epochs_done == 3
+    assert "resuming" in out.getvalue()
+    assert_bitwise_equal(weights(full / "last.pt"), weights(part / "last.pt"))
+    full_ckpt, part_ckpt = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
+    for name in ("G", "D", "M"):
+        a, b = full_ckpt["optimizers"][name]["state"], part_ckpt["optimizers"][name]["state"]
+        assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+    assert loss_columns(full / "metrics.csv") == loss_columns(part / "metrics.csv")
+    meta = json.loads((part / "meta.json").read_text())
+    assert len(meta["resumed"]) == 1 and meta["resumed"][0]["global_step"] == first.global_step
+    assert no_temp_files(part)
+
+
+def test_resume_continues_to_a_raised_epoch_target(tmp_path, data_root):
+    run = tmp_path / "run"
+    train(cfg_with("train.epochs=1", "loss.lambda_perc=0", "train.max_steps_per_epoch=2"), run, data_root,
+          device_spec="cpu", console=quiet())
+    more = train(cfg_with("train.epochs=2", "loss.lambda_perc=0", "train.max_steps_per_epoch=2"), run, data_root,
+                 device_spec="cpu", console=quiet())
+    assert more.status == "completed" and more.epochs_done == 2 and more.global_step == 4
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == ["2", "4"]
+
+
+# ------------------------------------------------------------------------------------------ SIGKILL
+
+CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from rich.console import Console
+    from unmask_cli.config import load_config
+    from unmask_cli.training import train
+    run, data, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    summary = train(load_config(None, overrides), Path(run), Path(data), device_spec="cpu",
+                    console=Console(stderr=True, force_terminal=False))
+    print("STATUS", summary.status, summary.epochs_done, summary.global_step)
+""")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigkill_then_rerun_resumes(tmp_path, workers):
+    data = make_dataset(tmp_path / "data", n_train=4, n_val=2)
+    run = tmp_path / "run"
+    overrides = [*BASE, "train.epochs=6", "loss.lambda_perc=0", f"data.num_workers={workers}"]
+    cmd = [sys.executable, "-c", CHILD, str(run), str(data), *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists():
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.02)
+        child.kill()  # SIGKILL: no handler runs
+    finally:
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    killed_at = load_checkpoint(run / "last.pt")["epoch"]
+    assert 1 <= killed_at < 6
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr and "STATUS completed 6 12" in rerun.stdout
+    rows = read_metrics(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"epoch_{e:03d}.png" for e in range(1, 7)]
+    assert {"epoch_002.pt", "epoch_004.pt", "epoch_006.pt", "best.pt", "last.pt"} <= {p.name for p in run.iterdir()}
+    assert no_temp_files(run)
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["resumed"] and meta["resumed"][0]["epoch"] == killed_at
+    # the lost part of the killed epoch is redone from the epoch-end state: same weights as a clean run
+    reference = train(load_config(None, overrides), tmp_path / "reference", data, device_spec="cpu", console=quiet())
+    assert reference.global_step == 12
+    assert_bitwise_equal(weights(tmp_path / "reference" / "last.pt"), weights(run / "last.pt"))

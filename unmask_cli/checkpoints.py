@@ -1,0 +1,286 @@
+"""Training checkpoints: atomic writes, safe loading (``weights_only=True`` always), exact-resume state.
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts only)::
+
+    format, version         "unmask-checkpoint", 1
+    epoch                   completed epochs
+    samples_in_epoch        samples of epoch ``epoch`` (0-based) already trained on; 0 at an epoch end,
+                            > 0 when the run was stopped (Ctrl-C / SIGTERM) at a batch boundary
+    global_step             optimizer steps so far
+    best_psnr, best_epoch   best validation PSNR (composite, whole image) so far
+    epoch_stats             running loss sums of the unfinished epoch (empty at an epoch end)
+    config                  Config.to_dict() of the run
+    vgg                     description of the VGG16 weights of the perceptual loss
+    networks                state dicts: G, D_whole, D_mask (and M)
+    optimizers              state dicts: G, D (both discriminators), M
+    scaler                  torch.amp.GradScaler state (empty when AMP is off)
+    rng                     torch / cuda / numpy / python random states
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unmask_cli.errors import ConfigError, UnmaskError
+from unmask_cli.fileio import TMP_MARK
+
+FORMAT = "unmask-checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("epoch", "global_step", "config", "networks")
+ARCH_KEYS = ("ngf", "ndf", "max_mult", "d_layers", "map_module", "nmf")  # model.* keys that change weights
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _file_mode() -> int:
+    """0666 minus the umask: what a plain ``open(path, "w")`` would give (mkstemp files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, rename into place."""
+    path = Path(path)
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _file_mode())
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(err, OSError):
+            raise UnmaskError(f"cannot write checkpoint ({err.strerror or err})", path) from err
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def publish_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Atomically make ``target`` hold the content of ``source``: a hard link when the file system allows
+    (no extra space; a later ``os.replace`` of ``source`` leaves ``target`` untouched), else a copy."""
+    source, target = Path(source), Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            os.chmod(tmp, _file_mode())
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(err, OSError):
+            raise UnmaskError(f"cannot write checkpoint ({err.strerror or err})", target) from err
+        raise
+    _fsync_dir(target.parent)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _unpickling_reason(err: Exception) -> str:
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"refused: the file references Python code ({found.group(1)}); only tensors and plain data "
+                "are loaded (weights_only=True)")
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return (f"not a PyTorch file, or a pickle that weights_only loading refuses "
+                f"(unsupported pickle opcode {found.group(1)})")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), err.__class__.__name__)
+    return f"refused by weights_only loading ({first[:120]})"
+
+
+def safe_torch_load(path: str | os.PathLike, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; missing, empty, truncated, foreign or unsafe files become
+    one-line :class:`UnmaskError` naming the file and the reason. Nothing in the file is ever executed."""
+    path = Path(path)
+    if not path.exists():
+        raise UnmaskError(f"{what} not found", path)
+    if path.is_dir():
+        raise UnmaskError(f"{what} path is a folder, expected a file", path)
+    if path.stat().st_size == 0:
+        raise UnmaskError(f"{what} is empty (0 bytes)", path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnmaskError(f"cannot load {what}: {_unpickling_reason(err)}", path) from err
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile, UnicodeDecodeError,
+            AttributeError, TypeError, IndexError) as err:
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), err.__class__.__name__)
+        if isinstance(err, KeyError):
+            first = "not a PyTorch file"
+        raise UnmaskError(f"cannot load {what}: truncated or corrupt file ({first[:160]})", path) from err
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check an unmask checkpoint. Always ``weights_only=True``: a file holding code or arbitrary
+    Python objects is refused. Every failure is a one-line :class:`UnmaskError` naming the file."""
+    path = Path(path)
+    ckpt = safe_torch_load(path, "checkpoint", map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UnmaskError("not an unmask checkpoint (no 'unmask-checkpoint' format tag)", path)
+    version = ckpt.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise UnmaskError(f"checkpoint format version {version!r} is newer than this unmask supports "
+                          f"({VERSION}); upgrade unmask", path)
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise UnmaskError(f"incomplete checkpoint (missing {', '.join(missing)})", path)
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, path: str | os.PathLike):
+    """The Config stored in a checkpoint (an invalid one is an UnmaskError naming the checkpoint)."""
+    from unmask_cli.config import config_from_dict
+
+    try:
+        return config_from_dict(ckpt["config"], where=str(path))
+    except ConfigError as err:
+        raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
+
+
+def architecture_of(cfg) -> dict[str, Any]:
+    """The settings that decide tensor shapes: image size and network widths/depths."""
+    arch = {"data.image_size": cfg.data.image_size}
+    arch.update({f"model.{k}": getattr(cfg.model, k) for k in ARCH_KEYS})
+    return arch
+
+
+def check_compatible(ckpt: dict, cfg, path: str | os.PathLike) -> None:
+    """Refuse to resume a checkpoint of another architecture or image size (one line, names the keys)."""
+    stored = architecture_of(checkpoint_config(ckpt, path))
+    wanted = architecture_of(cfg)
+    diff = [f"{k}={stored[k]} in the checkpoint, {wanted[k]} now" for k in wanted if stored[k] != wanted[k]]
+    if diff:
+        raise UnmaskError("checkpoint is for another network/size (" + "; ".join(diff) + "); use the same "
+                          "settings, or start a new run with another --name", path)
+
+
+def load_state(module: nn.Module | Any, state: Any, name: str, path: str | os.PathLike) -> None:
+    """``load_state_dict`` (strict for modules) with a one-line error instead of a size-mismatch dump."""
+    if not isinstance(state, dict):
+        raise UnmaskError(f"checkpoint entry '{name}' is not a state dict", path)
+    try:
+        if isinstance(module, nn.Module):
+            result = module.load_state_dict(state, strict=True)
+            del result
+        else:
+            module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else err.__class__.__name__)
+        raise UnmaskError(f"checkpoint does not match the network '{name}' ({detail[:200]})", path) from err
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states as tensors and plain types (so ``weights_only=True`` loading works)."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(version), "state": [int(x) for x in mt], "gauss": gauss},
+    }
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+
+
+# ------------------------------------------------------------------------------------- eval / inference
+
+@dataclass
+class TrainedModel:
+    """What ``unmask eval`` / ``unmask infer`` need from a checkpoint; networks are in eval mode."""
+
+    G: nn.Module
+    M: nn.Module | None
+    config: Any  # unmask_cli.config.Config
+    image_size: int
+    epoch: int
+    global_step: int
+    vgg: str
+    path: Path
+
+
+def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
+    """Rebuild G (and the map module M, if the run had one) from the stored config, load the weights
+    (strict), move them to ``device`` and switch to eval mode."""
+    from unmask_cli.models import MapModule, UNetGenerator
+
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, path)
+    nets = ckpt["networks"]
+    if not isinstance(nets, dict) or "G" not in nets:
+        raise UnmaskError("checkpoint has no generator weights", path)
+    m, size = cfg.model, cfg.data.image_size
+    try:
+        G = UNetGenerator(4, 3, m.ngf, size, m.max_mult, m.dropout)
+        M = MapModule(3, m.nmf, size, m.max_mult) if m.map_module and "M" in nets else None
+    except ConfigError as err:
+        raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
+    load_state(G, nets["G"], "G", path)
+    if M is not None:
+        load_state(M, nets["M"], "M", path)
+    device = torch.device(device)
+    G = G.to(device).eval()
+    M = M.to(device).eval() if M is not None else None
+    return TrainedModel(G=G, M=M, config=cfg, image_size=size, epoch=int(ckpt["epoch"]),
+                        global_step=int(ckpt["global_step"]), vgg=str(ckpt.get("vgg", "unknown")), path=path)
