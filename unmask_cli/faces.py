@@ -66,7 +66,7 @@ class AlignedFace:
     landmarks: np.ndarray  # (68, 2) float, crop coordinates
     matrix: np.ndarray  # (2, 3) float, source -> crop
     face: Face
-    border_fraction: float  # share of the crop that lies outside the source photo (filled by reflection)
+    border_fraction: float  # share of the crop outside the source photo (see fill_border)
 
 
 def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:
@@ -153,12 +153,14 @@ class FaceAligner:
         matrix = alignment_matrix(face.landmarks, self.size)
         crop = cv2.warpAffine(
             rgb, matrix, (self.size, self.size), flags=cv2.INTER_LINEAR if _scale(matrix) >= 1 else cv2.INTER_AREA,
-            borderMode=cv2.BORDER_REFLECT_101,
+            borderMode=cv2.BORDER_REPLICATE,
         )
         inside = cv2.warpAffine(
             np.ones(rgb.shape[:2], np.uint8), matrix, (self.size, self.size), flags=cv2.INTER_NEAREST,
             borderMode=cv2.BORDER_CONSTANT, borderValue=0,
         )
+        if not inside.all():
+            crop = fill_border(crop, inside)
         return AlignedFace(
             image=crop,
             landmarks=transform_points(face.landmarks, matrix),
@@ -180,6 +182,23 @@ class FaceAligner:
             raise BadInput(f"face too small (smaller than {self.min_face} px)", path, "face too small")
         chosen = usable if all_faces else usable[:1]
         return [self.align(rgb, f) for f in chosen]
+
+
+def fill_border(crop: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Fill the part of a crop that lies outside the photo (FFHQ-style): edge pixels replicated, then
+    blurred and faded towards the crop's median colour with the distance from the photo's edge. Mirrored
+    copies of the face (plain reflection) would teach the model ghost faces; this leaves a soft backdrop."""
+    import cv2
+
+    size = crop.shape[0]
+    distance = cv2.distanceTransform((inside == 0).astype(np.uint8), cv2.DIST_L2, 3)
+    weight = np.clip(distance / (0.08 * size), 0.0, 1.0)[:, :, None]
+    image = crop.astype(np.float32)
+    blurred = cv2.GaussianBlur(image, (0, 0), max(1.0, 0.04 * size))
+    median = np.median(image[inside > 0], axis=0) if inside.any() else np.median(image.reshape(-1, 3), axis=0)
+    filled = image * (1 - weight) + blurred * weight
+    filled += (median - filled) * np.clip(weight * 0.6, 0.0, 0.6)
+    return np.clip(filled.round(), 0, 255).astype(np.uint8)
 
 
 def _scale(matrix: np.ndarray) -> float:
