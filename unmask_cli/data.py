@@ -28,13 +28,13 @@ SUBDIRS = (ORIGINAL_DIR, MASKED_DIR, MASK_DIR)
 MANIFEST = "manifest.jsonl"
 SKIPPED = "skipped.csv"
 SPLITS = ("train", "val", "test")
-_STEM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_UNSAFE_STEM = re.compile(r"[/\\\x00]")
 
 
 def split_of(source_key: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
     """Deterministic split by source image: a hash of its name, so every face of one photo (and every
     reuse of it) lands in the same split, independent of processing order."""
-    digest = hashlib.sha256(f"{seed}:{source_key}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{source_key}".encode("utf-8", "surrogateescape")).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     if u < test_fraction:
         return "test"
@@ -45,8 +45,8 @@ def split_of(source_key: str, val_fraction: float, test_fraction: float, seed: i
 
 def check_stem(stem: str, where: str | os.PathLike) -> str:
     """Refuse stems that could escape the data folder (absolute paths, '..', separators)."""
-    if not isinstance(stem, str) or not _STEM_RE.match(stem) or ".." in stem:
-        raise UnmaskError(f"unsafe sample name {stem!r} in manifest (must be a plain file stem)", where)
+    if not isinstance(stem, str) or not stem or stem.startswith(".") or _UNSAFE_STEM.search(stem):
+        raise UnmaskError(f"unsafe sample name {stem!r} (must be a plain file name, no folders)", where)
     return stem
 
 
@@ -90,10 +90,14 @@ def append_manifest(root: str | os.PathLike, records: list[dict]) -> None:
     if not records:
         return
     data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
-    with open(Path(root) / MANIFEST, "ab") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    path = Path(root) / MANIFEST
+    try:
+        with open(path, "ab") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:  # a partial line is dropped by read_manifest on the next run
+        raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err
 
 
 def sample_paths(root: str | os.PathLike, stem: str) -> tuple[Path, Path, Path]:

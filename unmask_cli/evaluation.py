@@ -265,7 +265,7 @@ def run_eval(
     from unmask_cli.checkpoints import build_networks_from_checkpoint
     from unmask_cli.data import PairedDataset, read_manifest
     from unmask_cli.device import choose_device
-    from unmask_cli.fileio import remove_temp_files
+    from unmask_cli.fileio import ensure_dir, remove_temp_files
     from unmask_cli.identity import IdentityScorer
     from unmask_cli.metrics import psnr, ssim, summarize
     from unmask_cli.models import composite, generator_input
@@ -307,10 +307,7 @@ def run_eval(
     out_dir = Path(out) if out is not None else checkpoint.parent / f"eval_{split_name}"
     if out_dir.exists() and not out_dir.is_dir():
         raise UnmaskError("output path exists and is not a folder", out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UnmaskError(f"cannot create the output folder ({err.strerror or err})", out_dir) from err
+    ensure_dir(out_dir)
     remove_temp_files(out_dir)
 
     spec = vgg_weights if vgg_weights is not None else cfg.loss.vgg_weights

@@ -25,9 +25,12 @@ os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to a temp file beside ``path`` and rename it into place. An OS error (full disk,
+    read-only folder ...) becomes a one-line :class:`UnmaskError` naming the file; no temp file is left."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -35,12 +38,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as err:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(err, OSError):
+            raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err
         raise
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create a folder (and its parents); an OS error is a one-line :class:`UnmaskError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UnmaskError(f"cannot create folder ({err.strerror or err})", path) from err
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -83,7 +99,7 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.uint16:
-        return (arr.astype(np.uint32) * 255 + 32767) // 65535
+        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
     if np.issubdtype(arr.dtype, np.integer):  # 32-bit integer modes ("I"): assume 16-bit range if it fits
@@ -200,7 +216,4 @@ def encode_image(rgb: np.ndarray, suffix: str = ".png", quality: int = 95) -> by
 def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
     """Atomically write an image; the format follows the file extension (PNG is lossless)."""
     path = Path(path)
-    try:
-        atomic_write_bytes(path, encode_image(rgb, path.suffix or ".png", quality))
-    except OSError as err:
-        raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err
+    atomic_write_bytes(path, encode_image(rgb, path.suffix or ".png", quality))

@@ -55,6 +55,7 @@ from unmask_cli.errors import BadInput, UnmaskError
 from unmask_cli.fileio import (
     atomic_write_bytes,
     encode_image,
+    ensure_dir,
     is_image_name,
     list_files,
     read_image,
@@ -553,10 +554,10 @@ def run_infer(
                            device=net.describe(), mode="aligned" if aligned else "photos",
                            mask_source="supplied" if masks is not None else "predicted", image_size=size,
                            files=len(files), folded_bn=fold_bn)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     side_dirs = [out_dir] + [out_dir / d for d, on in ((MASKS_SUBDIR, save_masks), (COMPARE_SUBDIR, compare)) if on]
     for folder in side_dirs:
-        folder.mkdir(exist_ok=True)
+        ensure_dir(folder)
         remove_temp_files(folder)
 
     stems = Counter(p.stem for p in files if is_image_name(p))

@@ -33,7 +33,7 @@ from unmask_cli.data import (
     split_of,
 )
 from unmask_cli.errors import BadInput, UnmaskError
-from unmask_cli.fileio import atomic_write_bytes, atomic_write_text, list_files, remove_temp_files
+from unmask_cli.fileio import atomic_write_bytes, atomic_write_text, ensure_dir, list_files, remove_temp_files
 
 BUILTIN_DEFAULT_SAMPLES = 256
 BUILTIN_VARIANTS = 48  # distinct augmented photos of the built-in portraits
@@ -103,7 +103,7 @@ def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face:
 
 
 def _mask_rng(seed: int, key: str, face_index: int, round_: int) -> np.random.Generator:
-    digest = hashlib.sha256(f"{seed}|{key}|{face_index}|{round_}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}|{key}|{face_index}|{round_}".encode("utf-8", "surrogateescape")).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "big"))
 
 
@@ -208,10 +208,13 @@ def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
     if not path.exists():
         writer.writerow(["source", "reason", "detail"])
     writer.writerow([key, reason, detail])
-    with open(path, "a", encoding="utf-8", errors="surrogateescape") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "a", encoding="utf-8", errors="surrogateescape") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err
 
 
 def _settings(opts: PrepareOptions) -> dict:
@@ -291,7 +294,7 @@ def run_prepare(opts: PrepareOptions, progress=None) -> PrepareSummary:
     if opts.source is not None and root.resolve().is_relative_to(Path(opts.source).resolve()):
         raise UnmaskError("output folder must not be inside the source folder", root)
     for sub in SUBDIRS:
-        (root / sub).mkdir(parents=True, exist_ok=True)
+        ensure_dir(root / sub)
 
     start = time.perf_counter()
     records = read_manifest(root, repair=True)

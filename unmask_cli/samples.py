@@ -103,11 +103,11 @@ def write_masked_photos(out_dir: str | Path, count: int = 4, mask_types: str = "
     and ``masks/NAME.png`` maps (the ground truth, usable with ``unmask infer --masks``).
     """
     from unmask_cli.faces import FaceAligner
-    from unmask_cli.fileio import write_image
+    from unmask_cli.fileio import ensure_dir, write_image
     from unmask_cli.masks import parse_mask_types, synthesize
 
     out_dir = Path(out_dir)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir / "masks")
     aligner = FaceAligner()
     weights = parse_mask_types(mask_types)
     rng = np.random.default_rng(seed)

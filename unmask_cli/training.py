@@ -57,7 +57,7 @@ from unmask_cli.checkpoints import (
 from unmask_cli.config import Config, save_config
 from unmask_cli.device import DeviceSetup, setup_device
 from unmask_cli.errors import UnmaskError
-from unmask_cli.fileio import atomic_write_text, remove_temp_files, write_image
+from unmask_cli.fileio import atomic_write_text, ensure_dir, remove_temp_files, write_image
 from unmask_cli.losses import G_TERMS, GeneratorLoss, PerceptualLoss, discriminator_loss, map_loss
 from unmask_cli.models import build_networks, composite, generator_input
 
@@ -442,9 +442,9 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     run_dir, data_root = Path(run_dir), Path(data_root)
     if run_dir.exists() and not run_dir.is_dir():
         raise UnmaskError("run folder path exists and is not a folder", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     samples_dir = run_dir / "samples"
-    samples_dir.mkdir(exist_ok=True)
+    ensure_dir(samples_dir)
     remove_temp_files(run_dir)
     remove_temp_files(samples_dir)
     tc = cfg.train
