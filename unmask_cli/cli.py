@@ -60,8 +60,7 @@ def prepare(
 ) -> None:
     """Synthesise a paired dataset: aligned faces, masked faces and binary mask maps.
 
-    Writes [bold]original_celeba_aligned/[/], [bold]masked_images/[/], [bold]mask_maps/[/], manifest.jsonl
-    (source, box, landmarks, mask, split) and skipped.csv. Resumable: rerun the same command after a kill.
+    Writes [bold]original_celeba_aligned/[/], [bold]masked_images/[/], [bold]mask_maps/[/], manifest.jsonl (source, box, landmarks, mask, split) and skipped.csv. Resumable: rerun the same command after a kill.
     """
     from unmask_cli.config import load_config
     from unmask_cli.prepare import BUILTIN_DEFAULT_SAMPLES, PrepareOptions, run_prepare, summary_table
@@ -107,9 +106,7 @@ def train(
 ) -> None:
     """Train the U-Net generator against two PatchGAN discriminators (+ the mask-map module).
 
-    Writes [bold]RUNS/NAME/[/]: config.yaml, meta.json, metrics.csv, samples/epoch_NNN.png, last.pt, best.pt and
-    epoch_NNN.pt every save_interval epochs. Rerunning the same command resumes exactly where it stopped;
-    Ctrl-C saves and exits.
+    Writes [bold]RUNS/NAME/[/]: config.yaml, meta.json, metrics.csv, samples/epoch_NNN.png, last.pt, best.pt and epoch_NNN.pt every save_interval epochs. Rerunning the same command resumes exactly where it stopped; Ctrl-C saves and exits.
     """
     from unmask_cli.config import load_config
     from unmask_cli.training import train as run_train
@@ -142,8 +139,7 @@ def eval_(
 ) -> None:
     """Score a checkpoint on held-out faces against classical inpainting (OpenCV Telea and Navier-Stokes).
 
-    PSNR, SSIM, VGG feature distance (whole image and mask region), dlib identity and landmark distances.
-    Writes metrics.json, per_image.csv and comparison.png, and prints the table.
+    PSNR, SSIM, VGG feature distance (whole image and mask region), dlib identity and landmark distances. Writes metrics.json, per_image.csv and comparison.png, and prints the table.
     """
     from unmask_cli.evaluation import report_table, run_eval
 
@@ -175,8 +171,7 @@ def infer(
 ) -> None:
     """Unmask every photo of IN_DIR into OUT_DIR (same names, sizes and formats).
 
-    Whole photos: every face is detected, aligned, unmasked and pasted back with a feathered blend; photos
-    without a face are copied through. Inputs are never modified; unreadable files are skipped with a reason.
+    Whole photos: every face is detected, aligned, unmasked and pasted back with a feathered blend; photos without a face are copied through. Inputs are never modified; unreadable files are skipped with a reason.
     """
     from unmask_cli.inference import run_infer, summary_table
 
