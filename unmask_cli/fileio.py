@@ -17,7 +17,9 @@ from unmask_cli.errors import BadInput, UnmaskError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TMP_MARK = ".unmask-tmp-"
-MAX_PIXELS = 120_000_000  # ~11000x11000; larger files are refused, not decoded
+MAX_PIXELS = 120_000_000
+# Pillow decoders allowed on untrusted files: plain raster formats only (EPS/PDF would run Ghostscript).
+RASTER_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "PPM", "GIF", "TGA", "ICO", "DIB")  # ~11000x11000; larger files are refused, not decoded
 
 
 _UMASK = os.umask(0o022)
@@ -60,7 +62,7 @@ def ensure_dir(path: str | os.PathLike) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))  # non-UTF-8 file names round-trip
 
 
 def remove_temp_files(folder: str | os.PathLike) -> int:
@@ -130,7 +132,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-            with Image.open(path) as img:
+            Image.init()
+            with Image.open(path, formats=[f for f in RASTER_FORMATS if f in Image.OPEN]) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadInput(
                         f"image too large ({img.width}x{img.height} > {MAX_PIXELS} pixels)", path, "too large"
