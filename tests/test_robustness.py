@@ -1,0 +1,827 @@
+"""Robustness (issue 7): bad input of every kind, across every command it can reach.
+
+Fatal problems (config, checkpoint, output folder) must end the command with exactly one stderr line
+``error: PATH: reason`` and no traceback. Per-file problems must be listed as skipped with their reason
+(skipped.csv / metrics.json and the summary) while the rest of the batch is processed, and nothing may be
+half-written (no ``.unmask-tmp-`` file, no zero-byte output). Valid-but-odd images (greyscale, RGBA,
+16-bit, EXIF-rotated, 64 megapixels, six faces) must be processed.
+
+Commands run through ``badfiles.CliServer`` (the real ``unmask_cli.cli.main`` in a forked process per
+command, with its own stdout/stderr/exit code) unless only the job function's behaviour matters. Real
+faces throughout: scikit-image's astronaut and matplotlib's Grace Hopper, plus ../shared/faces if present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from badfiles import (
+    EPS,
+    SVG,
+    bomb_png,
+    cold_cli,
+    evil_checkpoint,
+    exif_rotated_jpeg,
+    gray,
+    gray16_png,
+    half,
+    huge_jpeg,
+    jpeg_bytes,
+    leftovers,
+    png_bytes,
+    random_bytes,
+    read_csv_rows,
+    rgba,
+    shared_server,
+    tiled,
+    write,
+)
+
+from unmask_cli.data import MANIFEST, MASK_DIR, MASKED_DIR, ORIGINAL_DIR, check_stem, read_manifest
+from unmask_cli.errors import UnmaskError
+from unmask_cli.fileio import read_image
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "configs" / "quick.yaml"
+SIZE = 64
+TINY_NETS = ["--set", f"data.image_size={SIZE}", "--set", "model.ngf=8", "--set", "model.ndf=8", "--set",
+             "model.nmf=8", "--set", "train.batch_size=4", "--set", "loss.vgg_weights=random"]
+IS_ROOT = os.geteuid() == 0  # root ignores file modes; the permission tests drop that privilege (CliServer)
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def cli():
+    server = shared_server()
+    yield server
+    assert server.server_stderr.read_text().strip() == "", "import-time output on stderr"
+
+
+@pytest.fixture(scope="module")
+def face_tile(astronaut) -> np.ndarray:
+    """The astronaut's head and shoulders (one face, no second false detection)."""
+    return np.ascontiguousarray(astronaut[0:256, 96:352])
+
+
+@pytest.fixture(scope="module")
+def exif_upright(astronaut) -> np.ndarray:
+    """A non-square upright crop (300 high, 340 wide) holding the astronaut's face only."""
+    return np.ascontiguousarray(astronaut[:300, 60:400])
+
+
+def _save_ckpt(path: Path, *, image_size: int = SIZE, ngf: int = 8, config: dict | None = None,
+               networks: dict | None = None) -> Path:
+    """A checkpoint in the training payload format, written by save_checkpoint (untrained networks)."""
+    from unmask_cli.checkpoints import save_checkpoint
+    from unmask_cli.config import Config
+    from unmask_cli.models import build_networks
+
+    cfg = Config()
+    cfg.data.image_size = image_size
+    cfg.model.ngf, cfg.model.ndf, cfg.model.nmf = ngf, 8, 8
+    cfg.loss.vgg_weights = "random"
+    torch.manual_seed(0)
+    nets = {k: v.state_dict() for k, v in build_networks(cfg).items()}
+    stored = cfg.to_dict()
+    for section, values in (config or {}).items():
+        stored[section].update(values)
+    save_checkpoint(path, {"epoch": 1, "samples_in_epoch": 0, "global_step": 1, "best_psnr": 0.0, "best_epoch": 0,
+                           "epoch_stats": {}, "config": stored, "vgg": "random", "networks": {**nets, **(networks or {})}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Good and bad checkpoints. ``plain`` is a valid 64-px ngf-8 checkpoint with a map module."""
+    from unmask_cli.models import MapModule, UNetGenerator
+
+    root = tmp_path_factory.mktemp("ckpts")
+    plain = _save_ckpt(root / "plain.pt")
+    data = plain.read_bytes()
+    out = {"plain": plain}
+    out["truncated"] = write(root / "truncated.pt", half(data))
+    out["empty"] = write(root / "empty.pt", b"")
+    out["text"] = write(root / "notes.pt", b"this is not a checkpoint\n")
+    # a plain state dict of another model saved with torch.save (not an unmask checkpoint)
+    torch.save(UNetGenerator(4, 3, 8, SIZE).state_dict(), root / "bare_state_dict.pt")
+    out["bare_state_dict"] = root / "bare_state_dict.pt"
+    # trained with ngf 8, but its config says 16 (e.g. edited or stitched together)
+    out["arch_mismatch"] = _save_ckpt(root / "arch.pt", config={"model": {"ngf": 16}})
+    # weights for 64 px, config for 128 px (a U-Net one level deeper)
+    out["size_mismatch"] = _save_ckpt(root / "size.pt", config={"data": {"image_size": 128}})
+    # the map module's weights where the generator's belong
+    out["other_model"] = _save_ckpt(root / "other.pt", networks={"G": MapModule(3, 8, SIZE).state_dict()})
+    return out
+
+
+def _prepare_sources(folder: Path, astronaut, grace_hopper, face_tile, exif_upright) -> Path:
+    from skimage.data import coffee
+
+    folder.mkdir(parents=True)
+    astro_jpg, astro_png = jpeg_bytes(astronaut), png_bytes(astronaut)
+    files = {
+        "astronaut.jpg": astro_jpg,
+        "hopper.png": png_bytes(grace_hopper),
+        "empty.jpg": b"",
+        "truncated.jpg": half(astro_jpg),
+        "truncated.png": half(astro_png),
+        "text.jpg": b"this is a text file with a .jpg name\n" * 3,
+        "photo.heic": random_bytes(4000),
+        "drawing.svg": SVG,
+        "figure.eps": EPS,
+        "gray.png": png_bytes(gray(astronaut)),
+        "rgba.png": png_bytes(rgba(astronaut), "RGBA"),
+        "exif.jpg": exif_rotated_jpeg(exif_upright),
+        "tiny.png": png_bytes(np.full((10, 10, 3), 128, np.uint8)),
+        "huge.jpg": huge_jpeg(face_tile, 8000, 5),
+        "bomb.png": bomb_png(20000),
+        "coffee.jpg": jpeg_bytes(coffee()),
+        "crowd.jpg": jpeg_bytes(tiled(face_tile, 2, 3)),
+    }
+    for name, data in files.items():
+        write(folder / name, data)
+    (folder / "folder.jpg").mkdir()  # a directory with an image name
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")  # a broken link
+    return folder
+
+
+# every bad or odd source file and what prepare / infer must do with it
+#   ("skip", reasons): listed in skipped.csv with one of the reasons; ("ok",): processed;
+#   ("copy", reason): infer copies it through (no usable face); ("ignore",): not a file, not listed
+PREPARE_EXPECT = {
+    "empty.jpg": ("skip", {"empty file"}),
+    "truncated.jpg": ("skip", {"truncated", "corrupt"}),
+    "truncated.png": ("skip", {"truncated", "corrupt"}),
+    "text.jpg": ("skip", {"not an image"}),
+    "photo.heic": ("skip", {"not an image"}),
+    "drawing.svg": ("skip", {"not an image"}),
+    # with Ghostscript installed Pillow rasterises it (then "no face"); without: "corrupt"
+    "figure.eps": ("skip", {"not an image", "unsupported format", "corrupt", "no face"}),
+    "tiny.png": ("skip", {"too small"}),
+    "bomb.png": ("skip", {"too large"}),
+    "coffee.jpg": ("skip", {"no face"}),
+    "astronaut.jpg": ("ok",),
+    "hopper.png": ("ok",),
+    "gray.png": ("ok",),
+    "rgba.png": ("ok",),
+    "exif.jpg": ("ok",),
+    "huge.jpg": ("ok",),
+    "crowd.jpg": ("ok",),
+    "folder.jpg": ("ignore",),
+    "dangling.jpg": ("ignore",),
+}
+INFER_EXPECT = {
+    **PREPARE_EXPECT,
+    "photo.heic": ("skip", {"not an image"}),  # by extension: never decoded
+    "drawing.svg": ("skip", {"not an image"}),
+    "figure.eps": ("skip", {"not an image"}),
+    "tiny.png": ("copy", "too small"),
+    "coffee.jpg": ("copy", "no face"),
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, astronaut, grace_hopper, face_tile, exif_upright) -> Path:
+    return _prepare_sources(tmp_path_factory.mktemp("sources") / "src", astronaut, grace_hopper, face_tile,
+                            exif_upright)
+
+
+@pytest.fixture(scope="module")
+def prepared(cli, sources):
+    """``unmask prepare --all-faces`` over the bad-source folder: (result, out folder, manifest, skipped rows)."""
+    out = sources.parent / "prepared"
+    result = cli("prepare", "--source", sources, "--out", out, "--num-samples", "20", "--size", str(SIZE),
+                 "--all-faces", "--workers", "2").ok()
+    rows = {r["source"]: r for r in read_csv_rows(out / "skipped.csv")}
+    return result, out, read_manifest(out), rows
+
+
+@pytest.fixture(scope="module")
+def inferred(cli, sources, ckpts):
+    """``unmask infer`` (predicted maps) over the same folder: (result, out folder, skipped rows)."""
+    out = sources.parent / "inferred"
+    result = cli("infer", sources, out, "--checkpoint", ckpts["plain"], "--device", "cpu").ok()
+    rows = {r["file"]: r for r in read_csv_rows(out / "skipped.csv")}
+    return result, out, rows
+
+
+# ------------------------------------------------------------------------- the runner is faithful
+
+def test_cli_server_matches_a_cold_cli_run(cli, ckpts, tmp_path):
+    """The forked runner prints what a fresh ``python -m unmask_cli`` prints (stdout, stderr, exit code)."""
+    (tmp_path / "in").mkdir()
+    args = ("infer", tmp_path / "in", tmp_path / "out", "--checkpoint", ckpts["truncated"])
+    cold, forked = cold_cli(*args), cli(*args)
+    assert (cold.code, cold.stdout, cold.stderr) == (forked.code, forked.stdout, forked.stderr)
+    assert "truncated or corrupt" in forked.error_line()
+    cold, forked = cold_cli("--version"), cli("--version")
+    assert (cold.code, cold.stdout, cold.stderr) == (forked.code, forked.stdout, forked.stderr) == (0, "unmask 0.1.0\n", "")
+
+
+# ------------------------------------------------------------------- per-file problems: prepare
+
+def test_prepare_batch_summary(prepared, sources):
+    result, out, records, rows = prepared
+    assert len(records) == 20 and [r["stem"] for r in records] == [f"{i:06d}" for i in range(20)]
+    for sub in (ORIGINAL_DIR, MASKED_DIR, MASK_DIR):
+        assert sorted(p.name for p in (out / sub).iterdir()) == [f"{i:06d}.png" for i in range(20)]
+    assert leftovers(out) == []
+    skipped = {name for name, (what, *_) in PREPARE_EXPECT.items() if what == "skip"}
+    assert set(rows) == skipped
+    # 64 megapixels included (detected on a 1200-px copy): a full-resolution pass would take minutes
+    assert result.seconds < 60
+    assert f"skipped sources are listed with reasons in {out / 'skipped.csv'}" in result.stdout
+    for reason in ("empty file", "not an image", "too small", "too large", "no face"):
+        assert f"skipped: {reason}" in result.stdout
+
+
+@pytest.mark.parametrize("name", [n for n, e in PREPARE_EXPECT.items() if e[0] == "skip"])
+def test_prepare_lists_bad_file_with_reason(prepared, sources, name):
+    _, _, records, rows = prepared
+    reasons = PREPARE_EXPECT[name][1]
+    assert name in rows, f"{name} not listed in skipped.csv"
+    row = rows[name]
+    assert row["reason"] in reasons
+    assert row["detail"].startswith(f"{sources / name}: ") and "\n" not in row["detail"]
+    assert name not in {r["source"] for r in records}
+
+
+@pytest.mark.parametrize("name", [n for n, e in PREPARE_EXPECT.items() if e[0] == "ok"])
+def test_prepare_processes_odd_but_valid_image(prepared, name):
+    _, out, records, rows = prepared
+    mine = [r for r in records if r["source"] == name]
+    assert mine and name not in rows
+    for record in mine:
+        image = read_image(out / ORIGINAL_DIR / f"{record['stem']}.png")
+        assert image.shape == (SIZE, SIZE, 3)
+        lm = np.asarray(record["aligned_landmarks"])
+        assert lm[36:48, 1].mean() < lm[[48, 54, 57], 1].mean()  # eyes above the mouth: upright
+    if name == "gray.png":
+        first = read_image(out / ORIGINAL_DIR / f"{mine[0]['stem']}.png").astype(int)
+        assert (first[..., 0] == first[..., 1]).all() and (first[..., 1] == first[..., 2]).all()
+
+
+def test_prepare_many_faces(prepared):
+    """The 2x3 tiled astronaut gives six distinct faces with --all-faces, in six different places."""
+    _, _, records, _ = prepared
+    crowd = [r for r in records if r["source"] == "crowd.jpg" and not r["reused"]]
+    assert sorted(r["face_index"] for r in crowd) == list(range(6))
+    tiles = {((r["box"][0] + r["box"][2]) // 2 // 256, (r["box"][1] + r["box"][3]) // 2 // 256) for r in crowd}
+    assert tiles == {(col, row) for row in range(2) for col in range(3)}
+
+
+def test_prepare_exif_rotation_gives_upright_face(prepared, exif_upright):
+    """Stored sideways with EXIF orientation 6: landmarks are in the displayed (upright) frame and the
+    aligned crop matches the one of the upright pixels."""
+    from unmask_cli.faces import FaceAligner
+
+    _, out, records, _ = prepared
+    (record,) = [r for r in records if r["source"] == "exif.jpg" and not r["reused"]]
+    reference = FaceAligner(SIZE).faces(exif_upright)[0]
+    assert np.abs(np.asarray(record["landmarks"]) - reference.face.landmarks).max() < 4
+    lm = np.asarray(record["landmarks"])
+    assert lm[36:48, 1].mean() < lm[48:68, 1].mean() and lm[:, 0].max() < 340 and lm[:, 1].max() < 300
+    aligned = read_image(out / ORIGINAL_DIR / f"{record['stem']}.png").astype(float)
+    assert np.abs(aligned - reference.image).mean() < 8
+
+
+def test_prepare_ignores_entries_that_are_not_files(prepared):
+    """A directory named folder.jpg and a dangling symlink are not files: neither processed nor a crash."""
+    _, _, records, rows = prepared
+    sources = {r["source"] for r in records} | set(rows)
+    assert "folder.jpg" not in sources and "dangling.jpg" not in sources
+
+
+def test_prepare_16bit_png(cli, tmp_path, astronaut):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "astronaut.jpg", jpeg_bytes(astronaut))
+    write(src / "gray16.png", gray16_png(astronaut))
+    result = cli("prepare", "--source", src, "--out", tmp_path / "out", "--num-samples", "2", "--size", str(SIZE))
+    result.ok()
+    assert {r["source"] for r in read_manifest(tmp_path / "out")} == {"astronaut.jpg", "gray16.png"}
+
+
+def test_prepare_non_utf8_file_name(cli, tmp_path, astronaut):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "astronaut.jpg", jpeg_bytes(astronaut))
+    write(os.fsencode(src) + b"/caf\xe9.jpg", jpeg_bytes(astronaut))
+    out = tmp_path / "out"
+    result = cli("prepare", "--source", src, "--out", out, "--num-samples", "2", "--size", str(SIZE))
+    result.ok()
+    records = read_manifest(out)
+    assert {r["source"] for r in records} == {"astronaut.jpg", os.fsdecode(b"caf\xe9.jpg")}
+    assert leftovers(out) == []
+
+
+@pytest.mark.skipif(IS_ROOT, reason="runs as root: root reads a chmod-000 file (test_unreadable_file covers "
+                    "this through the CLI with root's override capabilities dropped)")
+def test_prepare_and_infer_unreadable_file_same_user(tmp_path, astronaut, ckpts):
+    from unmask_cli.inference import run_infer
+    from unmask_cli.prepare import PrepareOptions, run_prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "astronaut.jpg", jpeg_bytes(astronaut))
+    write(src / "locked.jpg", jpeg_bytes(astronaut)).chmod(0)
+    summary = run_prepare(PrepareOptions(out=tmp_path / "p", source=src, num_samples=2, size=SIZE))
+    assert summary.skipped == {"unreadable": 1} and summary.written == 2
+    infer = run_infer(src, tmp_path / "i", ckpts["plain"], device="cpu")
+    assert [(n, r) for n, r, _ in infer.skipped_files] == [("locked.jpg", "unreadable")]
+
+
+# --------------------------------------------------------------------- per-file problems: infer
+
+def test_infer_batch_summary(inferred, sources):
+    result, out, rows = inferred
+    listed = {n for n, e in INFER_EXPECT.items() if e[0] == "skip"}
+    assert set(rows) == listed
+    written = {n for n, e in INFER_EXPECT.items() if e[0] in ("ok", "copy")}
+    assert {p.name for p in out.iterdir() if p.is_file()} == written | {"skipped.csv"}
+    assert leftovers(out) == []
+    for name in listed | {n for n, e in INFER_EXPECT.items() if e[0] == "copy"}:
+        assert f"│   {name} " in result.stdout  # the summary table names every skipped / copied file
+
+
+@pytest.mark.parametrize("name", [n for n, e in INFER_EXPECT.items() if e[0] == "skip"])
+def test_infer_lists_bad_file_with_reason(inferred, sources, name):
+    result, out, rows = inferred
+    assert rows[name]["reason"] in INFER_EXPECT[name][1]
+    assert rows[name]["detail"].startswith(f"{sources / name}: ")
+    assert not (out / name).exists()
+
+
+@pytest.mark.parametrize("name", [n for n, e in INFER_EXPECT.items() if e[0] in ("ok", "copy")])
+def test_infer_writes_every_usable_photo(inferred, sources, name):
+    """Processed photos keep their displayed size; photos without a usable face are copied byte for byte."""
+    from PIL import Image
+
+    result, out, rows = inferred
+    with Image.open(out / name) as img:
+        assert 0x0112 not in img.getexif()  # written upright, without an orientation tag
+        size = img.size
+    assert size == (lambda a: (a.shape[1], a.shape[0]))(read_image(sources / name))
+    if INFER_EXPECT[name][0] == "copy":
+        assert (out / name).read_bytes() == (sources / name).read_bytes()
+        assert f"│   {name} " in result.stdout and INFER_EXPECT[name][1] in result.stdout
+
+
+def test_infer_exif_output_is_upright(inferred, exif_upright):
+    _, out, _ = inferred
+    result = read_image(out / "exif.jpg").astype(float)
+    assert result.shape == exif_upright.shape
+    assert np.abs(result - exif_upright).mean() < 20  # the same picture, upright (not rotated 90 degrees)
+
+
+def test_infer_many_faces_with_supplied_maps(tmp_path, ckpts, face_tile):
+    """Six masked faces in one photo, each located and unmasked."""
+    from unmask_cli.inference import run_infer
+
+    photo = tiled(face_tile, 2, 3)
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    for row in range(2):
+        for col in range(3):  # lower half of each face: y 125..165, x 85..165 inside the 256-px tile
+            mask[row * 256 + 125: row * 256 + 165, col * 256 + 85: col * 256 + 165] = 255
+    masked = photo.copy()
+    masked[mask > 0] = (40, 90, 210)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "maps").mkdir()
+    write(tmp_path / "in" / "crowd.png", png_bytes(masked))
+    write(tmp_path / "maps" / "crowd.png", png_bytes(mask))
+    summary = run_infer(tmp_path / "in", tmp_path / "out", ckpts["plain"], masks_dir=tmp_path / "maps", device="cpu")
+    assert summary.processed == 1 and summary.faces == 6
+    result = read_image(tmp_path / "out" / "crowd.png")
+    for row in range(2):
+        for col in range(3):
+            inner = (slice(row * 256 + 130, row * 256 + 160), slice(col * 256 + 90, col * 256 + 160))
+            assert (result[inner] != masked[inner]).any(axis=-1).mean() > 0.5, (row, col)
+
+
+def test_infer_16bit_png(cli, tmp_path, astronaut, ckpts):
+    (tmp_path / "in").mkdir()
+    write(tmp_path / "in" / "astronaut.jpg", jpeg_bytes(astronaut))
+    write(tmp_path / "in" / "gray16.png", gray16_png(astronaut))
+    cli("infer", tmp_path / "in", tmp_path / "out", "--checkpoint", ckpts["plain"], "--device", "cpu").ok()
+    assert (tmp_path / "out" / "gray16.png").is_file() and (tmp_path / "out" / "astronaut.jpg").is_file()
+
+
+def test_infer_non_utf8_file_names(cli, tmp_path, astronaut, ckpts):
+    inp = os.fsencode(tmp_path / "in")
+    os.mkdir(inp)
+    write(inp + b"/caf\xe9.jpg", jpeg_bytes(astronaut))
+    write(inp + b"/notes\xff.jpg", b"not a picture\n")
+    out = tmp_path / "out"
+    result = cli("infer", inp, out, "--checkpoint", ckpts["plain"], "--device", "cpu").ok()
+    assert os.path.getsize(os.fsencode(out) + b"/caf\xe9.jpg") > 0
+    (row,) = read_csv_rows(out / "skipped.csv")
+    assert row["file"] == os.fsdecode(b"notes\xff.jpg") and row["reason"] == "not an image"
+    assert "notes" in result.stdout and leftovers(out) == []
+
+
+# ------------------------------------------------------------------------ mask maps: infer, eval, train
+
+@pytest.fixture(scope="module")
+def masked_astronaut(astronaut) -> tuple[np.ndarray, np.ndarray]:
+    mask = np.zeros(astronaut.shape[:2], np.uint8)
+    mask[125:170, 180:262] = 255  # lower half of the face (dlib box 175,76 - 265,166)
+    masked = astronaut.copy()
+    masked[mask > 0] = (40, 90, 210)
+    return masked, mask
+
+
+def test_infer_bad_mask_maps(cli, tmp_path, ckpts, masked_astronaut):
+    masked, mask = masked_astronaut
+    inp, maps, out = tmp_path / "in", tmp_path / "maps", tmp_path / "out"
+    inp.mkdir()
+    maps.mkdir()
+    for name in ("good", "wrongsize", "soft", "nomap", "textmap", "emptymap"):
+        write(inp / f"{name}.png", png_bytes(masked))
+    write(maps / "good.png", png_bytes(mask))
+    write(maps / "wrongsize.png", png_bytes(mask[:300, :200]))
+    soft = mask.copy()
+    soft[mask > 0] = 128  # a soft (anti-aliased / JPEG-like) map: not binary
+    write(maps / "soft.png", png_bytes(soft))
+    write(maps / "textmap.png", b"not a mask\n")
+    write(maps / "emptymap.png", png_bytes(np.zeros_like(mask)))
+    result = cli("infer", inp, out, "--checkpoint", ckpts["plain"], "--masks", maps, "--device", "cpu").ok()
+    rows = {r["file"]: r for r in read_csv_rows(out / "skipped.csv")}
+    assert {k: v["reason"] for k, v in rows.items()} == {
+        "wrongsize.png": "mask size mismatch", "soft.png": "mask not binary", "nomap.png": "missing mask",
+        "textmap.png": "not an image"}
+    assert rows["wrongsize.png"]["detail"] == f"{maps / 'wrongsize.png'}: mask map is 200x300, image is 512x512"
+    assert rows["soft.png"]["detail"].startswith(f"{maps / 'soft.png'}: mask map is not binary")
+    assert rows["nomap.png"]["detail"] == f"{inp / 'nomap.png'}: no mask map nomap.* in {maps}"
+    assert rows["textmap.png"]["detail"].startswith(f"{maps / 'textmap.png'}: ")
+    assert sorted(p.name for p in out.iterdir()) == ["emptymap.png", "good.png", "skipped.csv"]
+    # an empty map: no mask to locate the (masked, undetectable) face from, so the photo is copied
+    assert (out / "emptymap.png").read_bytes() == (inp / "emptymap.png").read_bytes()
+    assert "│   emptymap.png " in result.stdout and "located from the mask map" in result.stdout
+    assert leftovers(out) == []
+
+
+@pytest.fixture(scope="module")
+def bad_eval_folder(prepared) -> tuple[Path, dict[str, Path]]:
+    """The prepared set with six broken samples: wrong-size / soft / missing map, 0-byte, text and truncated
+    images. Returns (folder, stem -> broken file)."""
+    _, out, records, _ = prepared
+    root = out.parent / "eval_bad"
+    shutil.copytree(out, root)
+    s = [r["stem"] for r in records]
+    broken = {
+        s[1]: root / MASK_DIR / f"{s[1]}.png",
+        s[2]: root / MASK_DIR / f"{s[2]}.png",
+        s[3]: root / MASK_DIR,
+        s[4]: root / MASKED_DIR / f"{s[4]}.png",
+        s[5]: root / MASKED_DIR / f"{s[5]}.png",
+        s[6]: root / ORIGINAL_DIR / f"{s[6]}.png",
+    }
+    m = read_image(broken[s[1]])[:, :, 0]
+    write(broken[s[1]], png_bytes(m[: SIZE // 2]))
+    soft = m.copy()
+    soft[m > 0] = 200
+    write(broken[s[2]], png_bytes(soft))
+    (root / MASK_DIR / f"{s[3]}.png").unlink()
+    write(broken[s[4]], b"")
+    write(broken[s[5]], b"plain text, not a PNG\n")
+    write(broken[s[6]], half(broken[s[6]].read_bytes()))
+    return root, broken
+
+
+def test_eval_skips_broken_samples(cli, bad_eval_folder, ckpts, tmp_path):
+    root, broken = bad_eval_folder
+    out = tmp_path / "report"
+    result = cli("eval", "--checkpoint", ckpts["plain"], "--data", root, "--split", "all", "--out", out,
+                 "--device", "cpu", "--baselines", "masked", "--sheet-images", "2", "--max-images", "9").ok()
+    doc = json.loads((out / "metrics.json").read_text())
+    errors = {s["stem"]: s["error"] for s in doc["skipped"]}
+    assert set(errors) == set(broken)
+    expect = {0: "mask map is 64x32, image is 64x64", 1: "mask map is not binary", 2: "missing mask_maps/",
+              3: "empty file (0 bytes)", 4: "not an image", 5: "truncated"}
+    for i, (stem, path) in enumerate(broken.items()):
+        assert errors[stem].startswith(f"{path}: ") and expect[i] in errors[stem], errors[stem]
+    assert doc["n_images"] == 9 - 6 and [r["stem"] for r in doc["per_image"]] == ["000000", "000007", "000008"]
+    assert "6 unreadable sample(s) skipped (listed in metrics.json)" in result.stdout
+    assert leftovers(out) == []
+
+
+def test_train_on_broken_samples_is_one_line(cli, bad_eval_folder, tmp_path):
+    root, broken = bad_eval_folder
+    result = cli("train", "-c", QUICK, "--data", root, "--runs", tmp_path / "runs", "--device", "cpu", *TINY_NETS,
+                 "--set", "train.epochs=1")
+    line = result.error_line()
+    assert any(line.startswith(f"error: {path}") for path in broken.values()), line
+    assert leftovers(tmp_path / "runs") == []
+
+
+def test_eval_folder_with_non_ascii_names(cli, prepared, ckpts, tmp_path):
+    """A hand-made folder (no manifest) whose files have UTF-8 and non-UTF-8 names: all evaluated."""
+    _, out, _, _ = prepared
+    root = tmp_path / "bare"
+    names = {"000002": b"000002", "000003": b"jos\xc3\xa9", "000004": b"caf\xe9"}  # UTF-8, Latin-1 bytes
+    for sub in (ORIGINAL_DIR, MASKED_DIR, MASK_DIR):
+        (root / sub).mkdir(parents=True)
+        for stem, name in names.items():
+            write(os.fsencode(root / sub) + b"/" + name + b".png", (out / sub / f"{stem}.png").read_bytes())
+    report = tmp_path / "report"
+    cli("eval", "--checkpoint", ckpts["plain"], "--data", root, "--split", "all", "--out", report,
+        "--device", "cpu", "--baselines", "masked", "--sheet-images", "3").ok()
+    doc = json.loads((report / "metrics.json").read_text())
+    assert doc["n_images"] == 3 and doc["skipped"] == []
+    rows = read_csv_rows(report / "per_image.csv")
+    assert sorted({r["stem"] for r in rows}) == sorted(os.fsdecode(n) for n in names.values())
+    assert leftovers(report) == []
+
+
+# --------------------------------------------------------------------------------- configuration
+
+YAML_CASES = {
+    "typo key": ("train:\n  epoch: 3\n", ["unknown config key 'train.epoch'", "did you mean 'epochs'?"]),
+    "wrong type": ("train:\n  batch_size: sixteen\n", ["train.batch_size must be int, got 'sixteen'"]),
+    "section not a mapping": ("model: 64\n", ["model must be a mapping of settings"]),
+    "python tag": ("train: !!python/object/apply:os.system ['touch {marker}']\n", ["invalid YAML"]),
+    "python object": ("model: !!python/object:unmask_cli.config.ModelConfig {{ngf: 1}}\n", ["invalid YAML"]),
+    "not YAML": ("train: [1, 2\n", ["invalid YAML"]),
+}
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+@pytest.mark.parametrize("case", list(YAML_CASES))
+def test_bad_config_file_is_one_line_exit_2(cli, tmp_path, command, case):
+    marker = tmp_path / "pwned"
+    text, fragments = YAML_CASES[case]
+    config = tmp_path / "my config.yaml"
+    config.write_text(text.format(marker=marker))
+    args = ["--out", tmp_path / "out"] if command == "prepare" else ["--runs", tmp_path / "runs"]
+    line = cli(command, "-c", config, *args).error_line(code=2)
+    assert line.startswith(f"error: {config}: ")
+    for fragment in fragments:
+        assert fragment in line
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_bad_set_override_is_one_line_exit_2(cli, tmp_path, command):
+    args = ["--out", tmp_path / "out"] if command == "prepare" else ["--runs", tmp_path / "runs"]
+    line = cli(command, "--set", "train.epochs=three", *args).error_line(code=2)
+    assert line == "error: --set train.epochs=three: train.epochs must be int, got 'three' (str)"
+    line = cli(command, "--set", "modle.ngf=8", *args).error_line(code=2)
+    assert "unknown config key 'modle'" in line and "did you mean 'model'?" in line
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+CKPT_MESSAGES = {
+    "truncated": "cannot load checkpoint: truncated or corrupt file",
+    "empty": "checkpoint is empty (0 bytes)",
+    "text": "cannot load checkpoint",
+    "bare_state_dict": "not an unmask checkpoint",
+    "arch_mismatch": "checkpoint does not match the network 'G'",
+    "size_mismatch": "checkpoint does not match the network 'G'",
+    "other_model": "checkpoint does not match the network 'G'",
+}
+
+
+def _run_with_checkpoint(cli, command: str, ckpt: Path, tmp_path: Path, data: Path, *extra: str):
+    if command == "infer":
+        (tmp_path / "in").mkdir(exist_ok=True)
+        return cli("infer", tmp_path / "in", tmp_path / "out", "--checkpoint", ckpt, "--device", "cpu", *extra)
+    if command == "eval":
+        return cli("eval", "--checkpoint", ckpt, "--data", data, "--split", "all", "--out", tmp_path / "out",
+                   "--device", "cpu", *extra)
+    return cli("train", "-c", QUICK, "--data", data, "--runs", tmp_path / "runs", "--name", "r", "--resume", ckpt,
+               "--device", "cpu", *TINY_NETS, *extra)
+
+
+@pytest.mark.parametrize("command", ["infer", "eval"])
+@pytest.mark.parametrize("kind", list(CKPT_MESSAGES))
+def test_bad_checkpoint_infer_eval(cli, ckpts, prepared, tmp_path, command, kind):
+    line = _run_with_checkpoint(cli, command, ckpts[kind], tmp_path, prepared[1]).error_line()
+    assert line.startswith(f"error: {ckpts[kind]}: ") and CKPT_MESSAGES[kind] in line
+    assert not (tmp_path / "out").exists()
+
+
+TRAIN_RESUME = {
+    # checkpoint, extra --set, expected message
+    "truncated": ("truncated", [], "cannot load checkpoint: truncated or corrupt file"),
+    "empty": ("empty", [], "checkpoint is empty (0 bytes)"),
+    "bare_state_dict": ("bare_state_dict", [], "not an unmask checkpoint"),
+    "ngf 8 checkpoint, ngf 16 config": ("plain", ["--set", "model.ngf=16"],
+                                        "checkpoint is for another network/size (model.ngf=8 in the checkpoint, 16 now)"),
+    "64 px checkpoint, 128 px config": ("plain", ["--set", "data.image_size=128"],
+                                        "(data.image_size=64 in the checkpoint, 128 now)"),
+    "weights of another model": ("other_model", [], "checkpoint does not match the network 'G'"),
+    "no training state": ("plain", [], "checkpoint has no optimizer state for 'G'"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_RESUME))
+def test_bad_checkpoint_train_resume(cli, ckpts, prepared, tmp_path, case):
+    kind, extra, message = TRAIN_RESUME[case]
+    line = _run_with_checkpoint(cli, "train", ckpts[kind], tmp_path, prepared[1], *extra).error_line()
+    assert line.startswith(f"error: {ckpts[kind]}: ") and message in line
+    assert not list(tmp_path.rglob("runs/**/*.pt")) and not list(tmp_path.rglob("runs/**/*.unmask-tmp-*"))
+
+
+# ------------------------------------------------------------------------------- untrusted files
+
+@pytest.mark.parametrize("how", ["torch", "pickle"])
+@pytest.mark.parametrize("command", ["infer", "eval", "train"])
+def test_checkpoint_with_code_is_refused_and_never_run(cli, prepared, tmp_path, command, how):
+    marker = tmp_path / f"pwned_{command}_{how}"
+    evil = evil_checkpoint(tmp_path / "evil.pt", marker, how)
+    line = _run_with_checkpoint(cli, command, evil, tmp_path, prepared[1]).error_line()
+    assert line.startswith(f"error: {evil}: cannot load checkpoint: ")
+    if how == "torch":
+        assert "refused: the file references Python code (posix.system)" in line
+    assert not marker.exists()
+
+
+def test_unsafe_stems_are_refused(tmp_path):
+    for good in ("000042", "img_001", "a.b-c", "josé", "caf\udce9"):
+        assert check_stem(good, tmp_path) == good
+    for bad in ("../escape", "/etc/passwd", "a/b", "..", "x/../../y", "", "a\\b", ".hidden", "nul\x00", 7, None):
+        with pytest.raises(UnmaskError) as info:
+            check_stem(bad, tmp_path / MANIFEST)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / MANIFEST}: unsafe sample name {bad!r}") and "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def escaping_manifests(prepared) -> dict[str, Path]:
+    _, out, records, _ = prepared
+    folders = {}
+    for name, stem in (("dotdot", "../../outside"), ("absolute", "/etc/passwd"), ("slash", "sub/000000")):
+        root = out.parent / f"escape_{name}"
+        shutil.copytree(out, root)
+        lines = (root / MANIFEST).read_text().splitlines(keepends=True)
+        lines[3] = json.dumps({**json.loads(lines[3]), "stem": stem}) + "\n"
+        (root / MANIFEST).write_text("".join(lines))
+        folders[stem] = root
+    return folders
+
+
+def test_read_manifest_refuses_escaping_stems(escaping_manifests):
+    for stem, root in escaping_manifests.items():
+        with pytest.raises(UnmaskError) as info:
+            read_manifest(root)
+        assert str(info.value).startswith(f"{root / MANIFEST}: unsafe sample name {stem!r} (")
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_escaping_manifest_is_one_line_error(cli, ckpts, escaping_manifests, tmp_path, command):
+    for stem, root in escaping_manifests.items():
+        if command == "eval":
+            result = cli("eval", "--checkpoint", ckpts["plain"], "--data", root, "--split", "all", "--out",
+                         tmp_path / "out", "--device", "cpu")
+        else:
+            result = cli("train", "-c", QUICK, "--data", root, "--runs", tmp_path / "runs", "--device", "cpu",
+                         *TINY_NETS)
+        assert result.error_line().startswith(f"error: {root / MANIFEST}: unsafe sample name {stem!r} (")
+        assert not (tmp_path / "out").exists()
+
+
+def test_eps_source_never_runs_ghostscript(tmp_path, astronaut):
+    """A fake ``gs`` first on PATH records any call: decoding an untrusted .eps must not run it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "gs_was_run"
+    (bin_dir / "gs").write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo 10.02.1 && exit 0\ntouch {marker}\nexit 1\n')
+    (bin_dir / "gs").chmod(0o755)
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "astronaut.jpg", jpeg_bytes(astronaut))
+    write(src / "figure.eps", EPS)
+    result = cold_cli("prepare", "--source", src, "--out", tmp_path / "out", "--num-samples", "2", "--size",
+                      str(SIZE), env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    result.ok()  # every source is read before faces are reused
+    assert not marker.exists(), "Ghostscript was run on an untrusted .eps file"
+
+
+# --------------------------------------------------------------------------------- output folders
+
+def test_output_inside_input_is_refused(cli, tmp_path, astronaut, ckpts):
+    src = tmp_path / "photos"
+    src.mkdir()
+    write(src / "astronaut.jpg", jpeg_bytes(astronaut))
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, src / "out"):
+        line = cli("infer", src, out, "--checkpoint", ckpts["plain"], "--device", "cpu").error_line()
+        assert line.startswith(f"error: {out}: output folder must not be the input folder or inside it")
+    for out in (src / "prepared", src):
+        line = cli("prepare", "--source", src, "--out", out, "--size", str(SIZE), "--num-samples", "1").error_line()
+        assert line == f"error: {out}: output folder must not be inside the source folder"
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+WRITE_COMMANDS = ["prepare", "infer", "eval", "train"]
+
+
+def _run_writer(cli, command: str, out: Path, inputs: dict, **kwargs):
+    if command == "prepare":
+        return cli("prepare", "--source", inputs["src"], "--out", out, "--num-samples", "2", "--size", str(SIZE),
+                   **kwargs)
+    if command == "infer":
+        return cli("infer", inputs["src"], out, "--checkpoint", inputs["ckpt"], "--device", "cpu", **kwargs)
+    if command == "eval":
+        return cli("eval", "--checkpoint", inputs["ckpt"], "--data", inputs["data"], "--split", "all", "--out", out,
+                   "--device", "cpu", "--max-images", "2", "--baselines", "masked", **kwargs)
+    return cli("train", "-c", QUICK, "--data", inputs["data"], "--runs", out, "--name", "r", "--device", "cpu",
+               *TINY_NETS, "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=1", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def writer_inputs(tmp_path_factory, astronaut, ckpts, prepared) -> dict:
+    """Inputs of the output-folder tests: a photo folder, a checkpoint and a prepared dataset."""
+    root = tmp_path_factory.mktemp("writers")
+    (root / "src").mkdir()
+    write(root / "src" / "astronaut.jpg", jpeg_bytes(astronaut))
+    return {"src": root / "src", "ckpt": ckpts["plain"], "data": prepared[1], "root": root}
+
+
+@pytest.mark.parametrize("command", WRITE_COMMANDS)
+def test_output_under_a_regular_file(cli, writer_inputs, tmp_path, command):
+    """The output path's parent is a file (e.g. a typo): one line, nothing written."""
+    blocker = write(tmp_path / "results.txt", b"some file\n")
+    line = _run_writer(cli, command, blocker / "out", writer_inputs).error_line()
+    assert line.startswith(f"error: {blocker / 'out'}") and "Not a directory" in line
+    assert blocker.read_bytes() == b"some file\n"
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """Mode 0555 (root is held to it by CliServer(unprivileged=True)); restored afterwards."""
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    try:
+        yield folder
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", WRITE_COMMANDS)
+def test_output_in_read_only_folder(cli, writer_inputs, tmp_path, command):
+    """The output folder would be created inside a folder the user cannot write to."""
+    with read_only(tmp_path / "locked") as locked:
+        line = _run_writer(cli, command, locked / "out", writer_inputs, unprivileged=True).error_line()
+        assert line.startswith(f"error: {locked / 'out'}") and "Permission denied" in line
+        assert list(locked.iterdir()) == []
+
+
+def test_infer_into_read_only_folder(cli, writer_inputs, tmp_path):
+    with read_only(tmp_path / "locked") as locked:
+        line = _run_writer(cli, "infer", locked, writer_inputs, unprivileged=True).error_line()
+        assert line == f"error: {locked / 'astronaut.jpg'}: cannot write (Permission denied)"
+        assert list(locked.iterdir()) == []
+
+
+def test_unreadable_file(cli, writer_inputs, tmp_path, astronaut):
+    """A photo the user may not read (mode 000): skipped as 'unreadable' by prepare and infer, the rest done."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "astronaut.jpg", jpeg_bytes(astronaut))
+    write(src / "locked.jpg", jpeg_bytes(astronaut)).chmod(0)
+    result = cli("prepare", "--source", src, "--out", tmp_path / "p", "--num-samples", "2", "--size", str(SIZE),
+                 unprivileged=True).ok()
+    (row,) = read_csv_rows(tmp_path / "p" / "skipped.csv")
+    assert (row["source"], row["reason"], row["detail"]) == ("locked.jpg", "unreadable",
+                                                             f"{src / 'locked.jpg'}: permission denied")
+    assert "skipped: unreadable" in result.stdout
+    assert [r["source"] for r in read_manifest(tmp_path / "p")] == ["astronaut.jpg"] * 2
+    cli("infer", src, tmp_path / "i", "--checkpoint", writer_inputs["ckpt"], "--device", "cpu", unprivileged=True).ok()
+    (row,) = read_csv_rows(tmp_path / "i" / "skipped.csv")
+    assert (row["file"], row["reason"], row["detail"]) == ("locked.jpg", "unreadable",
+                                                           f"{src / 'locked.jpg'}: permission denied")
+    assert (tmp_path / "i" / "astronaut.jpg").stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", WRITE_COMMANDS)
+def test_full_disk_is_one_line(cli, writer_inputs, tmp_path, command):
+    """RLIMIT_FSIZE makes any write past 4000 bytes fail (EFBIG), like a full disk: one line naming the
+    file, no temporary or partial file left behind."""
+    out = tmp_path / "out"
+    line = _run_writer(cli, command, out, writer_inputs, fsize=4000).error_line()
+    assert line.startswith(f"error: {out}/") and "(File too large)" in line
+    assert leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------------ shared photos
+
+def test_shared_rgba_and_small_face_photos(shared_faces, tmp_path):
+    """Real odd photos from ../shared/faces: a 32-bit RGBA PNG and a 240p photo (63 px face)."""
+    from unmask_cli.prepare import PrepareOptions, run_prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("32bit.png", "obama-240p.jpg"):
+        shutil.copy(shared_faces / name, src / name)
+    summary = run_prepare(PrepareOptions(out=tmp_path / "out", source=src, num_samples=2, size=SIZE))
+    assert summary.faces == 2 and not summary.skipped
