@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from unmask_cli.errors import ConfigError, UnmaskError
-from unmask_cli.fileio import TMP_MARK
+from unmask_cli.fileio import TMP_MARK, atomic_output, file_mode
 
 FORMAT = "unmask-checkpoint"
 VERSION = 1
@@ -58,34 +58,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _file_mode() -> int:
-    """0666 minus the umask: what a plain ``open(path, "w")`` would give (mkstemp files are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, rename into place."""
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(err, OSError):
-            raise UnmaskError(f"cannot write checkpoint ({err.strerror or err})", path) from err
-        raise
+    with atomic_output(path, fsync=True, what="cannot write checkpoint") as handle:
+        torch.save(payload, handle)
     _fsync_dir(path.parent)
     return path
 
@@ -102,7 +80,7 @@ def publish_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
-            os.chmod(tmp, _file_mode())
+            os.chmod(tmp, file_mode())
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -6,6 +6,7 @@ any moment leaves either the old file or the complete new one, never a half-writ
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -26,16 +27,23 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
-    """Write ``data`` to a temp file beside ``path`` and rename it into place. An OS error (full disk,
-    read-only folder ...) becomes a one-line :class:`UnmaskError` naming the file; no temp file is left."""
+def file_mode() -> int:
+    """0666 minus the umask: the mode a plain ``open(path, "w")`` gives (mkstemp files are 0600)."""
+    return 0o666 & ~_UMASK
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, fsync: bool = False, what: str = "cannot write"):
+    """Yield a binary handle on a temp file beside ``path``; on success it is (optionally fsynced and)
+    renamed into place, on any failure removed. An OS error (full disk, read-only folder ...) becomes a
+    one-line :class:`UnmaskError` naming the file."""
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -47,8 +55,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False
             except FileNotFoundError:
                 pass
         if isinstance(err, OSError):
-            raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err
+            raise UnmaskError(f"{what} ({err.strerror or err})", path) from err
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(path, fsync) as handle:
+        handle.write(data)
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
