@@ -103,9 +103,6 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "a.bin"
     atomic_write_bytes(target, b"old")
 
-    class Boom(bytes):
-        pass
-
     with pytest.raises(TypeError):
         atomic_write_bytes(target, object())  # fails mid-write
     assert target.read_bytes() == b"old"
