@@ -193,3 +193,21 @@ class PairedDataset:
             "mask": torch.from_numpy(mask[None].astype(np.float32)),
             "stem": stem,
         }
+
+
+class ReportingDataset:
+    """Wraps a :class:`PairedDataset` so that an unreadable sample becomes ``{"stem", "error"}`` (the
+    one-line message naming the file) instead of an exception inside a DataLoader worker. Callers decide:
+    training stops with that message, evaluation skips and lists the sample."""
+
+    def __init__(self, dataset: PairedDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except UnmaskError as err:
+            return {"stem": self.dataset.stems[index], "error": str(err)}

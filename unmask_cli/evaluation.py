@@ -167,25 +167,6 @@ def _vgg_maps(features: torch.nn.Module, layers: Sequence[int], images: torch.Te
         return vgg_feature_maps(features, images.to(device=param.device, dtype=param.dtype), layers)
 
 
-class _SkippingDataset:
-    """Wraps PairedDataset: a sample whose files are missing or unreadable becomes ``{"stem", "error"}``
-    instead of stopping the evaluation (it is reported as skipped)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        from unmask_cli.errors import BadInput
-
-        try:
-            return self.dataset[index]
-        except BadInput as err:
-            return {"stem": self.dataset.stems[index], "error": str(err)}
-
-
 def _collate(items: list[dict]) -> dict:
     from torch.utils.data import default_collate
 
@@ -263,7 +244,7 @@ def run_eval(
 
     from unmask_cli.baselines import BASELINES
     from unmask_cli.checkpoints import build_networks_from_checkpoint
-    from unmask_cli.data import PairedDataset, read_manifest
+    from unmask_cli.data import PairedDataset, ReportingDataset, read_manifest
     from unmask_cli.device import choose_device
     from unmask_cli.fileio import ensure_dir, remove_temp_files
     from unmask_cli.identity import IdentityScorer
@@ -318,7 +299,7 @@ def run_eval(
     scorer = IdentityScorer()
     n_landmarked = 0
 
-    loader = DataLoader(_SkippingDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=0,
+    loader = DataLoader(ReportingDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=0,
                         collate_fn=_collate)
     task = progress.add_task(f"eval {split_name}", total=n_total) if progress is not None else None
     per_image: list[dict] = []

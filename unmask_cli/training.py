@@ -43,7 +43,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 from unmask_cli.checkpoints import (
     capture_rng,
@@ -55,6 +55,7 @@ from unmask_cli.checkpoints import (
     save_checkpoint,
 )
 from unmask_cli.config import Config, save_config
+from unmask_cli.data import ReportingDataset
 from unmask_cli.device import DeviceSetup, setup_device
 from unmask_cli.errors import UnmaskError
 from unmask_cli.fileio import atomic_write_text, ensure_dir, remove_temp_files, write_image
@@ -386,39 +387,22 @@ def _make_progress(console: Console) -> Progress:
     )
 
 
-class _Guarded(Dataset):
-    """A sample that cannot be read becomes a message the main process raises as a one-line error naming
-    the file (instead of a DataLoader-worker traceback)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            return self.dataset[index]
-        except UnmaskError as err:
-            return {"__error__": str(err)}
-
-
 def _collate(items: list[dict]) -> dict:
     for item in items:
-        if "__error__" in item:
+        if "error" in item:
             return item
     return default_collate(items)
 
 
 def _check_batch(batch: dict) -> dict:
-    if "__error__" in batch:
-        raise UnmaskError(f"{batch['__error__']} (fix or remove this sample; rerunning resumes from last.pt)")
+    if "error" in batch:
+        raise UnmaskError(f"{batch['error']} (fix or remove this sample; rerunning resumes from last.pt)")
     return batch
 
 
 def _loader(dataset, batch_size: int, sampler, workers: int, dev: DeviceSetup, seed: int) -> DataLoader:
     return DataLoader(
-        _Guarded(dataset), batch_size=batch_size, sampler=sampler, shuffle=False if sampler is None else None,
+        ReportingDataset(dataset), batch_size=batch_size, sampler=sampler, shuffle=False if sampler is None else None,
         num_workers=workers, drop_last=False, pin_memory=dev.device.type == "cuda", collate_fn=_collate,
         worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed),
     )
