@@ -396,7 +396,7 @@ def summary_table(summary: PrepareSummary):
 def preview(opts: PrepareOptions, count: int, sheet_path: Path) -> int:
     """Write a contact sheet of ``count`` random samples (original | masked | map) without a dataset."""
     from unmask_cli.fileio import write_image
-    from unmask_cli.masks import parse_mask_types, preview_sheet
+    from unmask_cli.masks import parse_mask_types, preview_sheet, synthesize
 
     weights = parse_mask_types(opts.mask_types)
     _init_worker(opts.size, opts.landmarks_path, opts.upsample, opts.min_face, weights, False)
@@ -411,8 +411,6 @@ def preview(opts: PrepareOptions, count: int, sheet_path: Path) -> int:
         except BadInput:
             continue
         for face_index, face in enumerate(faces):
-            from unmask_cli.masks import synthesize
-
             result = synthesize(face.image, face.landmarks, weights, _mask_rng(opts.seed, key, face_index, 0))
             rows.append((face.image, result.masked, result.mask))
         if len(rows) >= count:
