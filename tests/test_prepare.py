@@ -188,3 +188,13 @@ def test_shared_faces_group_photos(tmp_path, shared_faces):
                                              all_faces=True))
     assert summary_all.faces == 16  # 13 photos, +2 and +1 extra faces in the group photos
     json.loads((tmp_path / "all" / "prepare.json").read_text())["summary"]
+
+
+def test_cli_preview_sheet(tmp_path):
+    sheet = tmp_path / "sheet.png"
+    result = _cli("prepare", "--out", str(sheet), "--preview", "4", "--size", "64", "--mask-types", "surgical,n95")
+    assert result.returncode == 0, result.stderr
+    image = read_image(sheet)
+    assert image.shape[0] >= 2 * 64 and image.shape[1] >= 6 * 64  # 4 triplets, two per row
+    bad = _cli("prepare", "--out", str(tmp_path / "sheet.jpg"), "--preview", "4")
+    assert bad.returncode == 1 and "must be a .png" in bad.stderr
