@@ -582,7 +582,7 @@ def test_bad_set_override_is_one_line_exit_2(cli, tmp_path, command):
 CKPT_MESSAGES = {
     "truncated": "cannot load checkpoint: truncated or corrupt file",
     "empty": "checkpoint is empty (0 bytes)",
-    "text": "cannot load checkpoint",
+    "text": "not a PyTorch file (expected a checkpoint written by torch.save)",
     "bare_state_dict": "not an unmask checkpoint",
     "arch_mismatch": "checkpoint does not match the network 'G'",
     "size_mismatch": "checkpoint does not match the network 'G'",

@@ -154,6 +154,24 @@ def test_discriminators_see_whole_image_and_composite(data_root):
     assert torch.equal(dmask[1][outside], masked[outside]) and not torch.equal(dmask[1], generated)
 
 
+@pytest.mark.parametrize("zeroed", [("whole", "mask"), ("mask",)])
+def test_discriminator_with_zero_adversarial_weight_is_not_trained(data_root, zeroed):
+    cfg = cfg_with("loss.lambda_perc=0", *(f"loss.lambda_adv_{name}=0" for name in zeroed))
+    nets, optimizers, scaler, dev, gen_loss = _step_parts(cfg)
+    before = {name: {k: v.clone() for k, v in nets[name].state_dict().items()} for name in ("D_whole", "D_mask")}
+    calls = {"D_whole": 0, "D_mask": 0}
+    for name in calls:
+        nets[name].register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    values = train_step(_batch(data_root, 2), nets, optimizers, scaler, dev, gen_loss, cfg.loss.lambda_map)
+    for name in ("whole", "mask"):
+        state = nets[f"D_{name}"].state_dict()
+        unchanged = all(torch.equal(state[k], v) for k, v in before[f"D_{name}"].items())
+        if name in zeroed:
+            assert unchanged and calls[f"D_{name}"] == 0 and values[f"d_{name}"] == 0.0
+        else:  # D step (real, fake) + the generator's adversarial term
+            assert not unchanged and calls[f"D_{name}"] == 3 and values[f"d_{name}"] > 0
+
+
 def test_losses_fall_when_overfitting_eight_images(tmp_path):
     root = make_dataset(tmp_path / "data", n_train=8, n_val=0, seed=1)
     cfg = cfg_with("loss.lambda_perc=0")
@@ -281,7 +299,7 @@ def test_bad_checkpoint_files_give_one_line_errors(tmp_path, data_root):
     assert "empty" in error_of(empty)
     text_file = tmp_path / "notes.pt"
     text_file.write_text("hello, not a checkpoint\n")
-    assert "cannot load checkpoint" in error_of(text_file)
+    assert "not a PyTorch file (expected a checkpoint written by torch.save)" in error_of(text_file)
     tensor_file = tmp_path / "tensor.pt"
     torch.save({"G": torch.zeros(3)}, tensor_file)
     assert "not an unmask checkpoint" in error_of(tensor_file)

@@ -122,6 +122,13 @@ def safe_torch_load(path: str | os.PathLike, what: str, map_location: str | torc
     if path.stat().st_size == 0:
         raise UnmaskError(f"{what} is empty (0 bytes)", path)
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as err:
+        raise UnmaskError(f"cannot read {what} ({err.strerror or err})", path) from err
+    if not magic.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive (or a legacy pickle)
+        raise UnmaskError(f"not a PyTorch file (expected a {what} written by torch.save)", path)
+    try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnmaskError(f"cannot load {what}: {_unpickling_reason(err)}", path) from err

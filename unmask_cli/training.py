@@ -154,15 +154,22 @@ def train_step(batch: dict, nets: dict, optimizers: dict, scaler, dev: DeviceSet
         fake_composite = composite(masked, mask, generated)
         real_composite = composite(masked, mask, original)  # == original when masked is original outside
 
-    # Discriminators: D_whole judges whole images, D_mask the composites.
-    for D in (D_whole, D_mask):
-        D.requires_grad_(True)
-    optimizers["D"].zero_grad(set_to_none=True)
-    with dev.autocast():
-        d_whole = discriminator_loss(D_whole, original, generated)
-        d_mask = discriminator_loss(D_mask, real_composite, fake_composite)
-    scaler.scale(d_whole + d_mask).backward()
-    scaler.step(optimizers["D"])
+    # Discriminators: D_whole judges whole images, D_mask the composites. A discriminator whose adversarial
+    # weight is 0 cannot affect G, so it is not trained (its loss is reported as 0).
+    cfg = gen_loss.cfg
+    zero = generated.new_zeros((), dtype=torch.float32)
+    d_whole = d_mask = zero
+    if cfg.lambda_adv_whole != 0 or cfg.lambda_adv_mask != 0:
+        for D in (D_whole, D_mask):
+            D.requires_grad_(True)
+        optimizers["D"].zero_grad(set_to_none=True)
+        with dev.autocast():
+            if cfg.lambda_adv_whole != 0:
+                d_whole = discriminator_loss(D_whole, original, generated)
+            if cfg.lambda_adv_mask != 0:
+                d_mask = discriminator_loss(D_mask, real_composite, fake_composite)
+        scaler.scale(d_whole + d_mask).backward()
+        scaler.step(optimizers["D"])
 
     # Generator (the discriminators are frozen for this backward pass).
     for D in (D_whole, D_mask):
