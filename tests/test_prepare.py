@@ -114,6 +114,16 @@ def test_rerun_continues_without_duplicates(tmp_path, source_dir):
     assert again.written == 0 and read_manifest(out) == records
     with pytest.raises(UnmaskError, match="other settings"):
         run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=6, size=128))
+    # the same source folder spelled as a relative path is the same setting
+    relative = Path(os.path.relpath(source_dir))
+    assert not relative.is_absolute()
+    assert run_prepare(PrepareOptions(out=out, source=relative, num_samples=6, size=64)).written == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    first_photo = sorted(source_dir.iterdir())[0]
+    (other / first_photo.name).write_bytes(first_photo.read_bytes())
+    with pytest.raises(UnmaskError, match="other settings"):
+        run_prepare(PrepareOptions(out=out, source=other, num_samples=6, size=64))
 
 
 def test_deterministic(tmp_path, source_dir):

@@ -219,7 +219,8 @@ def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
 
 def _settings(opts: PrepareOptions) -> dict:
     return {"size": opts.size, "seed": opts.seed, "mask_types": opts.mask_types, "all_faces": opts.all_faces,
-            "source": str(opts.source) if opts.source else "builtin", "val_fraction": opts.val_fraction,
+            "source": str(Path(opts.source).resolve()) if opts.source else "builtin",
+            "val_fraction": opts.val_fraction,
             "test_fraction": opts.test_fraction}
 
 
@@ -232,6 +233,8 @@ def _check_resume(root: Path, opts: PrepareOptions, have: int) -> None:
     except (ValueError, OSError) as err:
         raise UnmaskError(f"cannot read previous run settings ({err})", path) from err
     new = _settings(opts)
+    if old.get("source") not in (None, "builtin"):  # the same folder, however it is spelled
+        old["source"] = str(Path(old["source"]).resolve())
     changed = [k for k in ("size", "seed", "mask_types", "all_faces", "source") if k in old and old[k] != new[k]]
     if changed:
         detail = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
