@@ -9,13 +9,20 @@ Steps (everything under --work, default runs/quality/):
    train/val/test (resumable: a second run reuses the prepared data).
 2. Train configs/quick.yaml (64 px) for a fixed wall-clock budget: ``train.epochs`` is set out of reach and
    a timer sends SIGTERM to this process when the budget is spent; the trainer stops at the next batch
-   boundary and saves last.pt (its documented Ctrl-C/SIGTERM path), which is the checkpoint evaluated.
+   boundary and saves last.pt (its documented Ctrl-C/SIGTERM path). The checkpoint evaluated is best.pt
+   (best validation PSNR, the model selection a user makes with ``unmask eval --checkpoint best.pt``;
+   ``--checkpoint last`` evaluates the final weights instead).
    Then the ablation (lambda_perc = lambda_adv_whole = lambda_adv_mask = 0: L1 + SSIM only) is trained
    under the same budget the same way. Each run starts fresh.
 3. ``run_eval`` of both on the test split; FD uses the same VGG16 network for both (the ImageNet features
    in ../shared/weights when present, else random weights - printed loudly); the baselines (telea, ns,
    masked input) come from the GAN's evaluation (they do not depend on the model).
 4. The comparison table (mask region PSNR/SSIM/FD/ID) and the targets, PASS/FAIL; quality.json.
+
+``--matched-ablation`` also trains the ablation for the GAN's number of steps (same images seen, not the
+same time: on a CPU the GAN's VGG pass and discriminators make its step several times dearer), to separate
+what the GAN terms do per step from what they cost. ``--reuse`` keeps finished runs (their run.json and
+last.pt) instead of retraining, e.g. to add the matched ablation or re-evaluate.
 
 Targets (mask region, test split): PSNR >= Telea + 7 dB; SSIM, FD and identity distance better than Telea;
 FD and identity distance better than the ablation with PSNR within 1 dB of it.
@@ -81,6 +88,12 @@ def parse_args() -> argparse.Namespace:
                         help="torch intra-op threads (0 = torch default; use 1 when the cores are shared)")
     parser.add_argument("--workers", type=int, default=2, help="prepare worker processes")
     parser.add_argument("--skip-ablation", action="store_true")
+    parser.add_argument("--matched-ablation", action="store_true",
+                        help="also train the ablation for the GAN's number of steps (not its time)")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="evaluate best.pt (best validation PSNR; default) or last.pt of each run")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs that finished before (run.json + last.pt in --work) instead of retraining")
     args = parser.parse_args()
     if args.minutes < 0.5:
         parser.error("--minutes must be >= 0.5 (the trainer needs a few seconds to start)")
@@ -112,30 +125,65 @@ def prepare_data(args: argparse.Namespace, console) -> Path:
     return root
 
 
-def train_for_budget(cfg, run_dir: Path, data_root: Path, seconds: float, device: str, console) -> dict:
+def reused_run(run_dir: Path, reuse: bool, cfg) -> dict | None:
+    """The record of a finished run trained with the same config (``--reuse``), else None."""
+    from unmask_cli.config import load_config
+
+    record = run_dir / "run.json"
+    if not (reuse and record.is_file() and (run_dir / "last.pt").is_file() and (run_dir / "config.yaml").is_file()):
+        return None
+    old = load_config(run_dir / "config.yaml").to_dict()
+    new = cfg.to_dict()
+    for key in ("epochs", "max_steps_per_epoch"):  # set by the budget
+        old["train"].pop(key, None)
+        new["train"].pop(key, None)
+    return json.loads(record.read_text(encoding="utf-8")) if old == new else None
+
+
+def train_for_budget(cfg, run_dir: Path, data_root: Path, seconds: float | None, device: str, console,
+                     steps: int | None = None) -> dict:
     """Train from scratch until ``seconds`` of wall clock are spent (SIGTERM at the deadline -> the trainer
-    saves last.pt at the next batch boundary). Returns what happened."""
-    from unmask_cli.training import train
+    saves last.pt at the next batch boundary), or for about ``steps`` steps (epochs of equal length, at most
+    one epoch's rounding away). Returns what happened (also saved as run_dir/run.json)."""
+    from unmask_cli.data import PairedDataset
+    from unmask_cli.fileio import atomic_write_text
+    from unmask_cli.training import epoch_plan, train
 
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg.train.epochs = UNREACHABLE_EPOCHS
+    if steps is not None:
+        full, _ = epoch_plan(len(PairedDataset(data_root, "train", cfg.data.image_size)), cfg.train.batch_size, 0)
+        cfg.train.epochs = max(1, math.ceil(steps / full))
+        cfg.train.max_steps_per_epoch = math.ceil(steps / cfg.train.epochs)
+    else:
+        cfg.train.epochs = UNREACHABLE_EPOCHS
     pid = os.getpid()
-    timer = threading.Timer(seconds, lambda: os.kill(pid, signal.SIGTERM))
-    timer.daemon = True
+    timer = threading.Timer(seconds, lambda: os.kill(pid, signal.SIGTERM)) if seconds else None
     start = time.perf_counter()
-    timer.start()
+    if timer:
+        timer.daemon = True
+        timer.start()
     try:
         summary = train(cfg, run_dir, data_root, resume=None, device_spec=device, console=console)
     finally:
-        timer.cancel()
+        if timer:
+            timer.cancel()
     elapsed = time.perf_counter() - start
-    if summary.status != "interrupted":
-        raise SystemExit(f"{run_dir}: training ended with status {summary.status!r} before the budget")
-    return {"run_dir": str(run_dir), "seconds": round(elapsed, 1), "budget_seconds": seconds,
-            "global_step": summary.global_step, "epochs_done": summary.epochs_done,
+    expected = "completed" if steps is not None else "interrupted"
+    if summary.status != expected:
+        raise SystemExit(f"{run_dir}: training ended with status {summary.status!r}, expected {expected!r}")
+    info = {"run_dir": str(run_dir), "seconds": round(elapsed, 1), "budget_seconds": seconds,
+            "budget_steps": steps, "global_step": summary.global_step, "epochs_done": summary.epochs_done,
             "images_seen": summary.global_step * cfg.train.batch_size, "vgg": summary.vgg,
             "best_val_psnr": summary.best_psnr, "best_epoch": summary.best_epoch}
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def chosen_checkpoint(run_dir: Path, which: str) -> Path:
+    """best.pt (needs a validation split) or last.pt; last.pt when there is no best.pt."""
+    best = run_dir / "best.pt"
+    return best if which == "best" and best.is_file() else run_dir / "last.pt"
 
 
 def evaluate(checkpoint: Path, data_root: Path, out: Path, vgg: str, args, console, baselines) -> object:
@@ -206,40 +254,62 @@ def main() -> None:
         runs = {"gan": base}
         if not args.skip_ablation:
             runs["ablation"] = [*base, *ABLATION_SET]
+        if args.matched_ablation:
+            runs["ablation_steps"] = [*base, *ABLATION_SET]
         trained = {}
         for step, (name, overrides) in enumerate(runs.items(), 2):
             cfg = load_config(args.config, overrides)
-            console.print(f"[bold]{step}. train {name}[/] for {args.minutes:g} min: {args.config.name} "
+            steps = trained["gan"]["global_step"] if name == "ablation_steps" else None
+            budget = f"{steps} steps (the GAN's)" if steps else f"{args.minutes:g} min"
+            console.print(f"[bold]{step}. train {name}[/] for {budget}: {args.config.name} "
                           f"{' '.join(overrides)} ({cfg.data.image_size} px, torch threads "
                           f"{torch.get_num_threads()})")
-            trained[name] = train_for_budget(cfg, args.work / name, data_root, args.minutes * 60, args.device,
-                                             console)
-            info = trained[name]
+            info = reused_run(args.work / name, args.reuse, cfg)
+            budget_key = ("budget_steps", steps) if steps else ("budget_seconds", args.minutes * 60)
+            if info is not None and info.get(budget_key[0]) != budget_key[1]:
+                console.print(f"   not reusing {args.work / name}: trained for another budget")
+                info = None
+            if info is None:
+                info = train_for_budget(cfg, args.work / name, data_root, None if steps else args.minutes * 60,
+                                        args.device, console, steps=steps)
+            else:
+                console.print(f"   reusing {args.work / name} (--reuse)")
+            trained[name] = info
             console.print(f"   {name}: {info['global_step']} steps ({info['images_seen']} images, "
                           f"{info['epochs_done']} full epochs) in {info['seconds']:.0f} s")
 
         console.print(f"[bold]{len(runs) + 2}. evaluate[/] the test split (FD network: {vgg})")
-        gan_report = evaluate(args.work / "gan" / "last.pt", data_root, args.work / "eval_gan", vgg, args, console,
+        gan_report = evaluate(chosen_checkpoint(args.work / "gan", args.checkpoint), data_root, args.work / "eval_gan", vgg, args, console,
                               ("telea", "ns", "masked"))
         rows = {"ours (GAN)": gan_report.summary["ours"]}
         abl_report = None
         if "ablation" in trained:
-            abl_report = evaluate(args.work / "ablation" / "last.pt", data_root, args.work / "eval_ablation", vgg,
+            abl_report = evaluate(chosen_checkpoint(args.work / "ablation", args.checkpoint), data_root, args.work / "eval_ablation", vgg,
                                   args, console, ())
             if abl_report.vgg != gan_report.vgg:  # the same FD network for both (random: same seed)
                 raise SystemExit(f"FD networks differ: {gan_report.vgg} vs {abl_report.vgg}")
             rows["ablation (L1+SSIM)"] = abl_report.summary["ours"]
+        matched_report = None
+        if "ablation_steps" in trained:
+            matched_report = evaluate(chosen_checkpoint(args.work / "ablation_steps", args.checkpoint), data_root,
+                                      args.work / "eval_ablation_steps", vgg, args, console, ())
+            rows["ablation, GAN's steps"] = matched_report.summary["ours"]
         for name in ("telea", "ns", "masked"):
             rows[name if name != "masked" else "masked (input)"] = gan_report.summary[name]
     except UnmaskError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         raise SystemExit(1) from err
 
+    reports = {"gan": gan_report, "ablation": abl_report, "ablation_steps": matched_report}
+    evaluated = ", ".join(f"{name} {r.checkpoint.name} (epoch {r.epoch}, step {r.global_step})"
+                          for name, r in reports.items() if r is not None)
     caption = Text(f"{gan_report.n_images} test faces at {gan_report.image_size} px from {args.source.name} "
                    f"(masks: {args.mask_types}); {args.minutes:g} min of training per model on {args.device} "
                    f"({torch.get_num_threads()} threads); GAN {trained['gan']['global_step']} steps"
                    + (f", ablation {trained['ablation']['global_step']} steps" if "ablation" in trained else "")
-                   + "\nFD: ")
+                   + (f"; 'ablation, GAN's steps': {trained['ablation_steps']['global_step']} steps in "
+                      f"{trained['ablation_steps']['seconds'] / 60:.1f} min" if "ablation_steps" in trained else "")
+                   + f"\nevaluated: {evaluated}\nFD: ")
     caption.append(gan_report.vgg, style="bold red" if gan_report.vgg_random else "")
     if gan_report.vgg_random:
         caption.append("  <- RANDOM weights: FD and perceptual loss are NOT meaningful", style="bold red")
@@ -254,7 +324,9 @@ def main() -> None:
         "vgg": gan_report.vgg, "vgg_random": gan_report.vgg_random, "prepare_seconds": round(prep_seconds, 1),
         "training": trained, "n_test_images": gan_report.n_images, "image_size": gan_report.image_size,
         "summary": rows, "targets": [{"target": t, "pass": ok} for t, ok, _ in targets],
-        "reports": {"gan": str(gan_report.out), "ablation": str(abl_report.out) if abl_report else None},
+        "reports": {name: str(r.out) for name, r in reports.items() if r is not None},
+        "evaluated": {name: {"checkpoint": str(r.checkpoint), "epoch": r.epoch, "global_step": r.global_step}
+                      for name, r in reports.items() if r is not None},
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     atomic_write_text(args.work / "quality.json", json.dumps(result, indent=2) + "\n")

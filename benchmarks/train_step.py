@@ -5,14 +5,16 @@ batches, so data loading is excluded. Each preset runs in a fresh subprocess, so
 (``ru_maxrss``, minus the RSS before the first step; on CUDA also ``torch.cuda.max_memory_allocated``) is
 that preset's alone.
 
-Presets:
-  seed   the paper-sized model: 256 px, batch 16, ngf=ndf=64, nmf=32, VGG layers 3,8,15,22
-  quick  the CPU config proposed as configs/quick.yaml: 64 px, batch 8, ngf=ndf=32, nmf=16, VGG layers 3,8
+Presets (read from the config files, so they follow them):
+  seed      configs/default.yaml: the paper-sized model, 256 px, batch 16, ngf=ndf=64, VGG layers 3,8,15,22
+  quick     configs/quick.yaml: the CPU config, 64 px, batch 8, ngf=ndf=16, nmf=8, VGG layers 3,8
+  ablation  quick with lambda_perc = lambda_adv_whole = lambda_adv_mask = 0 (the L1+SSIM-only model of
+            benchmarks/quality.py): no VGG pass and no discriminator updates
 
 VGG weights: the ImageNet features file in ../shared/weights when present, else random VGG (the table
 says which; throughput does not depend on the weight values).
 
-    python benchmarks/train_step.py                         # both presets, CPU or the best device
+    python benchmarks/train_step.py                         # all presets, CPU or the best device
     python benchmarks/train_step.py --presets quick --steps 10 --device cpu
 """
 
@@ -30,11 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_VGG = ROOT.parent / "shared" / "weights" / "vgg16_features_imagenet.pth"
 
+ABLATION = ["loss.lambda_perc=0", "loss.lambda_adv_whole=0", "loss.lambda_adv_mask=0"]
 PRESETS = {
-    "seed": ["data.image_size=256", "train.batch_size=16", "model.ngf=64", "model.ndf=64", "model.nmf=32",
-             "loss.vgg_layers=[3, 8, 15, 22]"],
-    "quick": ["data.image_size=64", "train.batch_size=8", "model.ngf=32", "model.ndf=32", "model.nmf=16",
-              "loss.vgg_layers=[3, 8]"],
+    "seed": (ROOT / "configs" / "default.yaml", []),
+    "quick": (ROOT / "configs" / "quick.yaml", []),
+    "ablation": (ROOT / "configs" / "quick.yaml", ABLATION),
 }
 
 
@@ -68,12 +70,16 @@ def run_one(preset: str, args) -> dict:
     vgg = args.vgg
     if vgg == "auto":
         vgg = str(SHARED_VGG) if SHARED_VGG.exists() else "random"
-    cfg = load_config(None, [*PRESETS[preset], f"loss.vgg_weights={vgg}"])
+    config_file, overrides = PRESETS[preset]
+    cfg = load_config(config_file, [*overrides, f"loss.vgg_weights={vgg}"])
     dev = setup_device(args.device, amp=True)
     torch.manual_seed(0)
     nets = {k: dev.module(v) for k, v in build_networks(cfg).items()}
-    features, description = load_vgg_features(cfg.loss.vgg_weights, cfg.loss.vgg_layers)
-    gen_loss = GeneratorLoss(cfg.loss, dev.module(PerceptualLoss(features, cfg.loss.vgg_layers)))
+    perceptual, description = None, "not used (loss.lambda_perc = 0)"
+    if cfg.loss.lambda_perc != 0:
+        features, description = load_vgg_features(cfg.loss.vgg_weights, cfg.loss.vgg_layers)
+        perceptual = dev.module(PerceptualLoss(features, cfg.loss.vgg_layers))
+    gen_loss = GeneratorLoss(cfg.loss, perceptual)
     t = cfg.train
     optimizers = {
         "G": torch.optim.Adam(nets["G"].parameters(), t.lr_g, betas=(t.beta1, t.beta2)),
@@ -120,7 +126,7 @@ def run_one(preset: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["quick", "seed"], choices=sorted(PRESETS))
+    parser.add_argument("--presets", nargs="+", default=["quick", "ablation", "seed"], choices=list(PRESETS))
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
     parser.add_argument("--device", default="auto")
@@ -148,15 +154,20 @@ def main() -> None:
         for r in results:
             print(json.dumps(r))
         return
-    header = f"{'preset':<7} {'size':>4} {'batch':>5} {'ngf/ndf/nmf':>11} {'G+D+D+M params':>15} " \
+    header = f"{'preset':<8} {'size':>4} {'batch':>5} {'ngf/ndf/nmf':>11} {'G+D+D+M params':>15} " \
              f"{'s/step':>8} {'img/s':>7} {'peak RSS MB':>11} {'+MB in steps':>12}"
     print(header)
     print("-" * len(header))
     for r in results:
         params = f"{sum(r['params_M'].values()):.1f} M"
-        print(f"{r['preset']:<7} {r['size']:>4} {r['batch']:>5} {r['ngf']:>4}/{r['ndf']}/{r['nmf']:<3} {params:>15} "
+        print(f"{r['preset']:<8} {r['size']:>4} {r['batch']:>5} {r['ngf']:>4}/{r['ndf']}/{r['nmf']:<3} {params:>15} "
               f"{r['step_s']:>8.2f} {r['img_per_s']:>7.2f} {r['peak_rss_mb']:>11.0f} {r['rss_delta_mb']:>12.0f}"
               + (f"  cuda peak {r['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in r else ""))
+    by_name = {r["preset"]: r for r in results}
+    if "quick" in by_name and "ablation" in by_name:
+        ratio = by_name["quick"]["step_s"] / by_name["ablation"]["step_s"]
+        print(f"quick (GAN) step / ablation (L1+SSIM) step: {ratio:.2f}x "
+              "(the extra cost of the VGG pass and the discriminators)")
     first = results[0]
     print(f"device: {first['device']}, {first['threads']} torch threads; VGG: {first['vgg']}; "
           f"{first['warmup']} warm-up + {first['steps']} timed steps; data loading excluded")
