@@ -9,9 +9,9 @@ Steps (everything under --work, default runs/quality/):
    train/val/test (resumable: a second run reuses the prepared data).
 2. Train configs/quick.yaml (64 px) for a fixed wall-clock budget: ``train.epochs`` is set out of reach and
    a timer sends SIGTERM to this process when the budget is spent; the trainer stops at the next batch
-   boundary and saves last.pt (its documented Ctrl-C/SIGTERM path). The checkpoint evaluated is best.pt
-   (best validation PSNR, the model selection a user makes with ``unmask eval --checkpoint best.pt``;
-   ``--checkpoint last`` evaluates the final weights instead).
+   boundary and saves last.pt (its documented Ctrl-C/SIGTERM path), which is the checkpoint evaluated
+   (``--checkpoint best`` evaluates best.pt, the best validation PSNR at an epoch end, instead: with 122
+   validation faces and a few epochs that choice was noisier than the last weights).
    Then the ablation (lambda_perc = lambda_adv_whole = lambda_adv_mask = 0: L1 + SSIM only) is trained
    under the same budget the same way. Each run starts fresh.
 3. ``run_eval`` of both on the test split; FD uses the same VGG16 network for both (the ImageNet features
@@ -90,8 +90,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-ablation", action="store_true")
     parser.add_argument("--matched-ablation", action="store_true",
                         help="also train the ablation for the GAN's number of steps (not its time)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                        help="evaluate best.pt (best validation PSNR; default) or last.pt of each run")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="last",
+                        help="evaluate last.pt (default) or best.pt (best validation PSNR) of each run")
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs that finished before (run.json + last.pt in --work) instead of retraining")
     args = parser.parse_args()
