@@ -151,8 +151,6 @@ def train_step(batch: dict, nets: dict, optimizers: dict, scaler, dev: DeviceSet
 
     with dev.autocast():
         generated = G(generator_input(masked, mask))
-        fake_composite = composite(masked, mask, generated)
-        real_composite = composite(masked, mask, original)  # == original when masked is original outside
 
     # Discriminators: D_whole judges whole images, D_mask the composites. A discriminator whose adversarial
     # weight is 0 cannot affect G, so it is not trained (its loss is reported as 0).
@@ -166,8 +164,9 @@ def train_step(batch: dict, nets: dict, optimizers: dict, scaler, dev: DeviceSet
         with dev.autocast():
             if cfg.lambda_adv_whole != 0:
                 d_whole = discriminator_loss(D_whole, original, generated)
-            if cfg.lambda_adv_mask != 0:
-                d_mask = discriminator_loss(D_mask, real_composite, fake_composite)
+            if cfg.lambda_adv_mask != 0:  # real composite == original when masked is original outside
+                d_mask = discriminator_loss(D_mask, composite(masked, mask, original),
+                                            composite(masked, mask, generated))
         scaler.scale(d_whole + d_mask).backward()
         scaler.step(optimizers["D"])
 
