@@ -56,3 +56,16 @@ def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 92, **kwargs) -> Path
 
     Image.fromarray(rgb).save(path, quality=quality, **kwargs)
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """For modules of tiny networks (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): one
+    intra-op thread is as fast, and immune to OpenMP oversubscription when other jobs share the machine's
+    cores. Results do not depend on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,14 +39,8 @@ from unmask_cli.vgg import IMAGENET_FILE, RANDOM_DESCRIPTION, imagenet_cache_pat
 SHARED_VGG = Path(__file__).resolve().parents[2] / "shared" / "weights" / "vgg16_features_imagenet.pth"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These networks are tiny: one intra-op thread is as fast, and immune to OpenMP oversubscription when
-    other jobs share the machine's cores. Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny networks: one intra-op thread (the conftest fixture)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(*overrides: str):

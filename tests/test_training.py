@@ -65,14 +65,8 @@ def make_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 64, s
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These networks are tiny: one intra-op thread is as fast, and immune to OpenMP oversubscription when
-    other jobs share the machine's cores. Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny networks: one intra-op thread (the conftest fixture)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
