@@ -75,6 +75,8 @@ def test_overrides(tmp_path):
         load_config(None, ["train.epochs"])
     with pytest.raises(ConfigError, match="power of two"):
         load_config(None, ["data.image_size=100"])
+    with pytest.raises(ConfigError, match="loss.warmup_steps must be >= 0"):
+        load_config(None, ["loss.warmup_steps=-1"])
 
 
 def test_yaml_is_read_safely(tmp_path):

@@ -416,6 +416,35 @@ def test_resume_continues_to_a_raised_epoch_target(tmp_path, data_root):
     assert [r["step"] for r in read_metrics(run / "metrics.csv")] == ["2", "4"]
 
 
+def test_warmup_trains_reconstruction_only_then_every_term(tmp_path, data_root, monkeypatch):
+    from unmask_cli import training
+
+    seen = []
+    real_step = training.train_step
+
+    def step(batch, nets, optimizers, scaler, dev, gen_loss, lambda_map):
+        c = gen_loss.cfg
+        seen.append((c.lambda_perc, c.lambda_adv_whole, c.lambda_adv_mask, gen_loss.perceptual is not None))
+        return real_step(batch, nets, optimizers, scaler, dev, gen_loss, lambda_map)
+
+    monkeypatch.setattr(training, "train_step", step)
+    out = io.StringIO()
+    run = tmp_path / "run"  # 3 steps per epoch: epoch 1 and the first step of epoch 2 are warm-up
+    summary = train(cfg_with("train.epochs=3", "loss.warmup_steps=4"), run, data_root, device_spec="cpu",
+                    console=Console(file=out, force_terminal=False, width=200))
+    assert summary.status == "completed" and summary.global_step == 9
+    assert seen == [(0.0, 0.0, 0.0, False)] * 4 + [(1.0, 1.0, 1.0, True)] * 5
+    rows = read_metrics(run / "metrics.csv")
+    for key in ("g_perc", "g_adv_whole", "g_adv_mask", "d_whole", "d_mask"):
+        assert float(rows[0][key]) == 0.0 and float(rows[2][key]) > 0, key
+    text = out.getvalue()
+    assert "steps 1..4 train on L1 + SSIM only" in text and "step 4: warm-up done" in text
+
+    seen.clear()  # resuming after the warm-up does not repeat it
+    train(cfg_with("train.epochs=4", "loss.warmup_steps=4"), run, data_root, device_spec="cpu", console=quiet())
+    assert seen == [(1.0, 1.0, 1.0, True)] * 3
+
+
 # ------------------------------------------------------------------------------------------ SIGKILL
 
 CHILD = textwrap.dedent("""

@@ -70,6 +70,9 @@ class LossConfig:
     # "random": random VGG features, only for smoke tests and CPU demos (recorded in every report).
     vgg_weights: str = "imagenet"
     vgg_layers: list[int] = field(default_factory=lambda: [3, 8, 15, 22])  # relu1_2 relu2_2 relu3_3 relu4_3
+    # The first warmup_steps generator steps train on lambda_rc*(L1 + (1-SSIM)) alone: no VGG pass, no
+    # adversarial terms, discriminators untouched. 0 = every term from the first step (the paper).
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -181,6 +184,7 @@ def _validate(cfg: Config, where: str) -> None:
         (0 <= cfg.train.beta1 < 1 and 0 <= cfg.train.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
         (cfg.model.ngf >= 1 and cfg.model.ndf >= 1 and cfg.model.nmf >= 1, "model widths must be >= 1"),
         (cfg.model.d_layers >= 1, "model.d_layers must be >= 1"),
+        (cfg.loss.warmup_steps >= 0, "loss.warmup_steps must be >= 0"),
         (all(0 <= i <= 29 for i in cfg.loss.vgg_layers) and cfg.loss.vgg_layers == sorted(set(cfg.loss.vgg_layers))
          and len(cfg.loss.vgg_layers) > 0,
          "loss.vgg_layers must be increasing indices into vgg16().features (0-29)"),

@@ -15,11 +15,15 @@ Generator (Din et al. 2020, editing module)::
 
 Discriminators (pix2pix): ``0.5 * (BCE(D(real), 1) + BCE(D(fake.detach()), 0))`` each.
 Map module: BCE with logits + soft Dice (1 - 2|P.T| / (|P| + |T|), per image) against the synthetic map.
+
+Warm-up (``loss.warmup_steps``, off by default): the first steps use :func:`reconstruction_only`, i.e.
+``lambda_rc * (L1 + (1 - SSIM))`` alone, the cheap part of the step, before the other terms switch on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -122,6 +126,11 @@ class PerceptualLoss(nn.Module):
         with fp32(output):
             terms = [(g.float() - w.float()).abs().mean() for g, w in zip(got, wanted, strict=True)]
         return torch.stack(terms).mean()
+
+
+def reconstruction_only(loss_cfg):
+    """The loss config of the warm-up (``loss.warmup_steps``): perceptual and adversarial weights 0."""
+    return dataclasses.replace(loss_cfg, lambda_perc=0.0, lambda_adv_whole=0.0, lambda_adv_mask=0.0)
 
 
 class GeneratorLoss(nn.Module):

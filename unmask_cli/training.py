@@ -59,7 +59,14 @@ from unmask_cli.data import ReportingDataset
 from unmask_cli.device import DeviceSetup, setup_device
 from unmask_cli.errors import UnmaskError
 from unmask_cli.fileio import atomic_write_text, ensure_dir, remove_temp_files, write_image
-from unmask_cli.losses import G_TERMS, GeneratorLoss, PerceptualLoss, discriminator_loss, map_loss
+from unmask_cli.losses import (
+    G_TERMS,
+    GeneratorLoss,
+    PerceptualLoss,
+    discriminator_loss,
+    map_loss,
+    reconstruction_only,
+)
 from unmask_cli.models import build_networks, composite, generator_input
 
 METRIC_FIELDS = (
@@ -477,6 +484,8 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     else:
         perceptual, vgg_description = None, "not used (loss.lambda_perc = 0)"
     gen_loss = GeneratorLoss(cfg.loss, perceptual)
+    warmup = cfg.loss.warmup_steps
+    warm_loss = GeneratorLoss(reconstruction_only(cfg.loss), None)  # steps < loss.warmup_steps
     betas = (tc.beta1, tc.beta2)
     optimizers = {
         "G": torch.optim.Adam(nets["G"].parameters(), lr=tc.lr_g, betas=betas),
@@ -542,6 +551,9 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     _say(console, f"  device {dev.describe()}; {len(train_ds)} train / {len(val_ds)} val samples at {size} px; "
                   f"{steps_per_epoch} batches of {tc.batch_size} per epoch; epochs {start_epoch + 1}..{target}")
     _say(console, f"  perceptual loss: {vgg_description}")
+    if global_step < warmup:
+        _say(console, f"  warm-up: steps {global_step + 1}..{warmup} train on L1 + SSIM only; the perceptual "
+                      f"and adversarial terms start at step {warmup + 1}")
     if not len(val_ds):
         _say(console, "  no validation split: no val metrics and no best.pt; samples use training faces", "yellow")
 
@@ -582,9 +594,12 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
                 tick = time.perf_counter()
                 for batch in loader:
                     batch = _check_batch(batch)
-                    values = train_step(batch, nets, optimizers, scaler, dev, gen_loss, cfg.loss.lambda_map)
+                    step_loss = warm_loss if global_step < warmup else gen_loss
+                    values = train_step(batch, nets, optimizers, scaler, dev, step_loss, cfg.loss.lambda_map)
                     n = int(batch["masked"].shape[0])
                     global_step += 1
+                    if global_step == warmup:
+                        _say(console, f"  step {warmup}: warm-up done; perceptual and adversarial terms on")
                     done += n
                     now = time.perf_counter()
                     stats["train_time"] += now - tick
