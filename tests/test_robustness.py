@@ -154,7 +154,7 @@ def _prepare_sources(folder: Path, astronaut, grace_hopper, face_tile, exif_upri
 
 # every bad or odd source file and what prepare / infer must do with it
 #   ("skip", reasons): listed in skipped.csv with one of the reasons; ("ok",): processed;
-#   ("copy", reason): infer copies it through (no usable face); ("ignore",): not a file, not listed
+#   ("copy", reason): infer copies it through (no usable face)
 PREPARE_EXPECT = {
     "empty.jpg": ("skip", {"empty file"}),
     "truncated.jpg": ("skip", {"truncated", "corrupt"}),
@@ -174,8 +174,8 @@ PREPARE_EXPECT = {
     "exif.jpg": ("ok",),
     "huge.jpg": ("ok",),
     "crowd.jpg": ("ok",),
-    "folder.jpg": ("ignore",),
-    "dangling.jpg": ("ignore",),
+    "folder.jpg": ("skip", {"folder"}),
+    "dangling.jpg": ("skip", {"broken link"}),
 }
 INFER_EXPECT = {
     **PREPARE_EXPECT,
@@ -292,11 +292,13 @@ def test_prepare_exif_rotation_gives_upright_face(prepared, exif_upright):
     assert np.abs(aligned - reference.image).mean() < 8
 
 
-def test_prepare_ignores_entries_that_are_not_files(prepared):
-    """A directory named folder.jpg and a dangling symlink are not files: neither processed nor a crash."""
+def test_prepare_reports_entries_that_are_not_files(prepared, sources):
+    """A folder named folder.jpg and a dangling symlink are listed as skipped with what they are."""
     _, _, records, rows = prepared
-    sources = {r["source"] for r in records} | set(rows)
-    assert "folder.jpg" not in sources and "dangling.jpg" not in sources
+    assert {"folder.jpg", "dangling.jpg"}.isdisjoint(r["source"] for r in records)
+    assert rows["folder.jpg"]["reason"] == "folder"
+    assert rows["dangling.jpg"]["reason"] == "broken link"
+    assert "nowhere.jpg" in rows["dangling.jpg"]["detail"]
 
 
 def test_prepare_16bit_png(cli, tmp_path, astronaut):

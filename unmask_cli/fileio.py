@@ -106,9 +106,15 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
 
 
 def list_files(folder: str | os.PathLike) -> list[Path]:
-    """Every visible regular file of ``folder`` (sorted); callers report the non-images as skipped."""
+    """The visible entries of ``folder`` a user may have meant as inputs (sorted): regular files, broken
+    symbolic links, and sub-folders named like images (``2019.jpg/``). Callers read each one and report
+    the failures (non-images, folders, broken links) as skipped; other sub-folders are not inputs."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    return sorted(
+        p for p in folder.iterdir()
+        if not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists())
+                                           or (p.is_dir() and is_image_name(p)))
+    )
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -136,6 +142,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise BadInput("is a folder, not an image file", path, "folder")
+    if path.is_symlink() and not path.exists():
+        raise BadInput(f"broken symbolic link (its target {os.readlink(path)} does not exist)", path, "broken link")
     try:
         size = path.stat().st_size
     except OSError as err:
