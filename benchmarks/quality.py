@@ -7,17 +7,21 @@ Steps (everything under --work, default runs/quality/):
 
 1. ``unmask prepare`` of ../shared/utkface at 128 px (realistic mask styles), split by source image into
    train/val/test (resumable: a second run reuses the prepared data).
-2. Train configs/quick.yaml (64 px) for a fixed wall-clock budget: ``train.epochs`` is set out of reach and
-   a timer sends SIGTERM to this process when the budget is spent; the trainer stops at the next batch
-   boundary and saves last.pt (its documented Ctrl-C/SIGTERM path), which is the checkpoint evaluated
+2. Train the ablation (configs/quick.yaml, 64 px, with lambda_perc = lambda_adv_whole = lambda_adv_mask =
+   0: L1 + SSIM only) for a fixed wall-clock budget: ``train.epochs`` is set out of reach and a timer sends
+   SIGTERM to this process when the budget is spent; the trainer stops at the next batch boundary and
+   saves last.pt (its documented Ctrl-C/SIGTERM path), which is the checkpoint evaluated
    (``--checkpoint best`` evaluates best.pt, the best validation PSNR at an epoch end, instead: with 122
    validation faces and a few epochs that choice was noisier than the last weights).
-   Then the ablation (lambda_perc = lambda_adv_whole = lambda_adv_mask = 0: L1 + SSIM only) is trained
-   under the same budget the same way. Each run starts fresh.
-3. ``run_eval`` of both on the test split; FD uses the same VGG16 network for both (the ImageNet features
+3. Train the GAN (configs/quick.yaml, every loss term) under the same budget the same way, with
+   ``loss.warmup_steps`` = ``--warmup-fraction`` (default 0.6) times the ablation's step count: it spends
+   about that share of its budget on L1 + SSIM alone, the rest with the perceptual and adversarial terms
+   and both discriminators. ``--warmup-fraction 0`` trains the paper's loss from the first step. Each run
+   starts fresh.
+4. ``run_eval`` of both on the test split; FD uses the same VGG16 network for both (the ImageNet features
    in ../shared/weights when present, else random weights - printed loudly); the baselines (telea, ns,
    masked input) come from the GAN's evaluation (they do not depend on the model).
-4. The comparison table (mask region PSNR/SSIM/FD/ID) and the targets, PASS/FAIL; quality.json.
+5. The comparison table (mask region PSNR/SSIM/FD/ID) and the targets, PASS/FAIL; quality.json.
 
 ``--matched-ablation`` also trains the ablation for the GAN's number of steps (same images seen, not the
 same time: on a CPU the GAN's VGG pass and discriminators make its step several times dearer), to separate
@@ -87,6 +91,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0 = torch default; use 1 when the cores are shared)")
     parser.add_argument("--workers", type=int, default=2, help="prepare worker processes")
+    parser.add_argument("--warmup-fraction", type=float, default=0.6,
+                        help="share of the GAN's budget spent in the L1+SSIM warm-up (loss.warmup_steps = this "
+                             "times the ablation's steps in the same budget, which is trained first); "
+                             "0 = the paper's loss from the first step")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="set the GAN's loss.warmup_steps directly (overrides --warmup-fraction)")
     parser.add_argument("--skip-ablation", action="store_true")
     parser.add_argument("--matched-ablation", action="store_true",
                         help="also train the ablation for the GAN's number of steps (not its time)")
@@ -97,6 +107,11 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.minutes < 0.5:
         parser.error("--minutes must be >= 0.5 (the trainer needs a few seconds to start)")
+    if not 0 <= args.warmup_fraction < 1:
+        parser.error("--warmup-fraction must be in [0, 1)")
+    if args.skip_ablation and args.warmup_fraction > 0 and args.warmup_steps is None:
+        parser.error("--skip-ablation needs --warmup-steps or --warmup-fraction 0 (the fraction is measured "
+                     "on the ablation)")
     return args
 
 
@@ -173,11 +188,20 @@ def train_for_budget(cfg, run_dir: Path, data_root: Path, seconds: float | None,
     if summary.status != expected:
         raise SystemExit(f"{run_dir}: training ended with status {summary.status!r}, expected {expected!r}")
     info = {"run_dir": str(run_dir), "seconds": round(elapsed, 1), "budget_seconds": seconds,
-            "budget_steps": steps, "global_step": summary.global_step, "epochs_done": summary.epochs_done,
+            "budget_steps": steps, "warmup_steps": cfg.loss.warmup_steps, "global_step": summary.global_step, "epochs_done": summary.epochs_done,
             "images_seen": summary.global_step * cfg.train.batch_size, "vgg": summary.vgg,
             "best_val_psnr": summary.best_psnr, "best_epoch": summary.best_epoch}
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
     return info
+
+
+def gan_warmup_steps(args: argparse.Namespace, trained: dict) -> int:
+    """--warmup-steps, else --warmup-fraction of the steps the ablation (= warm-up steps) made in the budget."""
+    if args.warmup_steps is not None:
+        return args.warmup_steps
+    if args.warmup_fraction == 0:
+        return 0
+    return round(args.warmup_fraction * trained["ablation"]["global_step"])
 
 
 def chosen_checkpoint(run_dir: Path, which: str) -> Path:
@@ -251,13 +275,14 @@ def main() -> None:
         data_root = prepare_data(args, console)
         prep_seconds = time.perf_counter() - t0
         base = [f"loss.vgg_weights={vgg}", f"train.device={args.device}", *args.overrides]
-        runs = {"gan": base}
-        if not args.skip_ablation:
-            runs["ablation"] = [*base, *ABLATION_SET]
+        runs = {} if args.skip_ablation else {"ablation": [*base, *ABLATION_SET]}  # first: it sets the warm-up
+        runs["gan"] = base
         if args.matched_ablation:
             runs["ablation_steps"] = [*base, *ABLATION_SET]
         trained = {}
         for step, (name, overrides) in enumerate(runs.items(), 2):
+            if name == "gan":
+                overrides = [*overrides, f"loss.warmup_steps={gan_warmup_steps(args, trained)}"]
             cfg = load_config(args.config, overrides)
             steps = trained["gan"]["global_step"] if name == "ablation_steps" else None
             budget = f"{steps} steps (the GAN's)" if steps else f"{args.minutes:g} min"
@@ -305,7 +330,8 @@ def main() -> None:
                           for name, r in reports.items() if r is not None)
     caption = Text(f"{gan_report.n_images} test faces at {gan_report.image_size} px from {args.source.name} "
                    f"(masks: {args.mask_types}); {args.minutes:g} min of training per model on {args.device} "
-                   f"({torch.get_num_threads()} threads); GAN {trained['gan']['global_step']} steps"
+                   f"({torch.get_num_threads()} threads); GAN {trained['gan']['global_step']} steps "
+                   f"(the first {trained['gan'].get('warmup_steps', 0)} L1+SSIM only)"
                    + (f", ablation {trained['ablation']['global_step']} steps" if "ablation" in trained else "")
                    + (f"; 'ablation, GAN's steps': {trained['ablation_steps']['global_step']} steps in "
                       f"{trained['ablation_steps']['seconds'] / 60:.1f} min" if "ablation_steps" in trained else "")
