@@ -337,6 +337,32 @@ def test_photo_with_supplied_map_png_jpeg_and_rerun(tmp_path, ckpts, aligner, as
     assert redo.processed == 2 and redo.unchanged == 1 and redo.already_done == 0
 
 
+def test_cnn_detector_finds_a_masked_face_hog_misses(tmp_path, ckpts, astronaut, aligner):
+    """A realistic surgical mask hides the face from dlib's HOG detector; auto mode falls back to the CNN."""
+    from unmask_cli.masks import apply_style
+
+    face = aligner.detect(astronaut)[0]
+    masked = apply_style("surgical", astronaut, face.landmarks, np.random.default_rng(0))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "masked.png", masked.masked)
+    hog = run_infer(inp, tmp_path / "hog", ckpts["map_all"], device="cpu", detector="hog")
+    assert hog.no_face == 1 and hog.faces == 0 and hog.detector == "hog"
+    assert (read_image(tmp_path / "hog" / "masked.png") == masked.masked).all()  # copied through
+
+    auto = run_infer(inp, tmp_path / "auto", ckpts["map_all"], device="cpu")
+    assert auto.detector == "auto" and auto.no_face == 0 and auto.processed == 1 and auto.faces == 1
+    changed = (read_image(tmp_path / "auto" / "masked.png") != masked.masked).any(axis=2)
+    assert changed[masked.mask].mean() > 0.9  # the mask region was replaced
+    left, top, right, bottom = face.box  # the CNN's face is the one HOG found before the mask was drawn
+    ys, xs = np.nonzero(changed)
+    assert abs(xs.mean() - (left + right) / 2) < 0.25 * (right - left)
+    assert abs(ys.mean() - (top + bottom) / 2) < 0.5 * (bottom - top)
+
+    with pytest.raises(UnmaskError, match="unknown face detector 'mtcnn'"):
+        run_infer(inp, tmp_path / "bad", ckpts["map_all"], device="cpu", detector="mtcnn")
+
+
 def test_photo_with_predicted_map(tmp_path, ckpts, astronaut):
     inp = tmp_path / "in"
     inp.mkdir()

@@ -16,6 +16,8 @@ import numpy as np
 from unmask_cli.errors import BadInput, UnmaskError
 
 LANDMARKS_68 = "shape_predictor_68_face_landmarks.dat"
+CNN_DETECTOR = "mmod_human_face_detector.dat"  # dlib's CNN face detector, also in face-recognition-models
+DETECTORS = ("auto", "hog", "cnn")  # auto = HOG, then the CNN when HOG finds no face
 FACE_RECOGNITION_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
 ENV_MODELS_DIR = "UNMASK_DLIB_MODELS"  # folder holding dlib .dat models
 ENV_LANDMARKS = "UNMASK_LANDMARKS"  # path of the 68-landmark predictor itself
@@ -110,37 +112,64 @@ class FaceAligner:
         upsample: int = 1,
         min_face: int = 32,
         max_detect_side: int = 1200,
+        detector: str = "hog",
+        max_cnn_side: int = 800,
     ):
         import dlib
 
+        if detector not in DETECTORS:
+            raise UnmaskError(f"unknown face detector '{detector}' (choose {', '.join(DETECTORS)})")
         self.size = size
         self.upsample = upsample
         self.min_face = min_face
         self.max_detect_side = max_detect_side
+        self.max_cnn_side = max_cnn_side
+        self.mode = detector
         self.landmarks_path = model_path(LANDMARKS_68, landmarks_path)
         self.detector = dlib.get_frontal_face_detector()
+        self.cnn = None
+        if detector != "hog":
+            cnn_path = model_path(CNN_DETECTOR)
+            try:
+                self.cnn = dlib.cnn_face_detection_model_v1(str(cnn_path))
+            except RuntimeError as err:
+                raise UnmaskError(f"not a dlib CNN face detector ({str(err).strip().splitlines()[0]})",
+                                  cnn_path) from err
         try:
             self.predictor = dlib.shape_predictor(str(self.landmarks_path))
         except RuntimeError as err:
             raise UnmaskError(f"not a dlib shape predictor ({str(err).strip().splitlines()[0]})", self.landmarks_path) from err
 
+    def _boxes(self, image: np.ndarray, max_side: int, detect) -> list[tuple[int, int, int, int]]:
+        """``detect(downscaled image)`` -> dlib rectangles, mapped back to ``image`` coordinates."""
+        import cv2
+
+        scale = 1.0
+        if max(image.shape[:2]) > max_side:
+            scale = max_side / max(image.shape[:2])
+            image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        return [(int(round(r.left() / scale)), int(round(r.top() / scale)), int(round(r.right() / scale)),
+                 int(round(r.bottom() / scale))) for r in detect(image)]
+
     def detect(self, rgb: np.ndarray) -> list[Face]:
-        """All faces, largest first. Large photos are detected on a downscaled copy (landmarks at full size)."""
+        """All faces, largest first. Large photos are detected on a downscaled copy (landmarks at full size).
+
+        ``hog``: dlib's HOG detector (fast; misses most faces whose lower half is covered). ``cnn``: dlib's
+        CNN detector (finds most masked faces; about 10-60 s per photo on 2 CPU cores, so photos are searched
+        at up to ``max_cnn_side`` px). ``auto``: HOG, then the CNN when HOG finds no face.
+        """
         import cv2
         import dlib
 
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        scale = 1.0
-        small = gray
-        if max(gray.shape) > self.max_detect_side:
-            scale = self.max_detect_side / max(gray.shape)
-            small = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        boxes = [] if self.mode == "cnn" else self._boxes(
+            gray, self.max_detect_side, lambda image: self.detector(image, self.upsample))
+        if self.cnn is not None and not boxes:
+            boxes = self._boxes(np.ascontiguousarray(rgb), self.max_cnn_side,
+                                lambda image: [d.rect for d in self.cnn(image, self.upsample)])
         faces = []
-        for rect in self.detector(small, self.upsample):
-            box = dlib.rectangle(
-                int(round(rect.left() / scale)), int(round(rect.top() / scale)),
-                int(round(rect.right() / scale)), int(round(rect.bottom() / scale)),
-            )
+        for box in boxes:
+            box = dlib.rectangle(*box)
             shape = self.predictor(gray, box)
             points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
             faces.append(Face((box.left(), box.top(), box.right(), box.bottom()), points))

@@ -80,6 +80,7 @@ class InferSummary:
     device: str = ""
     mode: str = "photos"  # "photos" (detect + align + paste back) | "aligned" (inputs are face crops)
     mask_source: str = "predicted"  # "predicted" (map module) | "supplied" (--masks)
+    detector: str = "auto"  # face detector of "photos" mode: auto (HOG, then CNN) | hog | cnn
     image_size: int = 0
     files: int = 0  # visible files in IN_DIR
     processed: int = 0  # outputs written with at least one face unmasked
@@ -337,11 +338,11 @@ def _align(rgb: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.ndarra
 
 
 @functools.lru_cache(maxsize=2)
-def _aligner(landmarks_path: str | None):
-    """dlib detector + 68-landmark predictor, loaded once per process (loading takes ~2-3 s)."""
+def _aligner(landmarks_path: str | None, detector: str = "auto"):
+    """dlib detector(s) + 68-landmark predictor, loaded once per process (loading takes ~2-3 s)."""
     from unmask_cli.faces import FaceAligner
 
-    return FaceAligner(size=256, landmarks_path=landmarks_path)
+    return FaceAligner(size=256, landmarks_path=landmarks_path, detector=detector)
 
 
 def _mask_blobs(photo_map: np.ndarray, min_side: int) -> list[tuple[int, int, int, int]]:
@@ -521,6 +522,7 @@ def run_infer(
     progress=None,
     overwrite: bool = False,
     fold_bn: bool = True,
+    detector: str = "auto",
 ) -> InferSummary:
     """Unmask every image of ``in_dir`` into ``out_dir`` (same names and formats). See the module doc.
 
@@ -528,6 +530,10 @@ def run_infer(
     and listed in the summary and ``OUT_DIR/skipped.csv``; setup problems raise :class:`UnmaskError`.
     """
     from unmask_cli.checkpoints import build_networks_from_checkpoint
+    from unmask_cli.faces import DETECTORS
+
+    if detector not in DETECTORS:
+        raise UnmaskError(f"unknown face detector '{detector}' (choose {', '.join(DETECTORS)})")
     from unmask_cli.device import choose_device
 
     start = time.perf_counter()
@@ -547,12 +553,13 @@ def run_infer(
                           "with one mask map per image", checkpoint)
     size = model.image_size
     net = Unmasker(model.G, model.M if masks is None else None, size, dev, threshold, fold_bn)
-    aligner = None if aligned else _aligner(str(landmarks_path) if landmarks_path else None)
+    aligner = None if aligned else _aligner(str(landmarks_path) if landmarks_path else None, detector)
 
     files = list_files(in_dir)
     summary = InferSummary(in_dir=str(in_dir), out_dir=str(out_dir), checkpoint=str(checkpoint),
                            device=net.describe(), mode="aligned" if aligned else "photos",
-                           mask_source="supplied" if masks is not None else "predicted", image_size=size,
+                           mask_source="supplied" if masks is not None else "predicted", detector=detector,
+                           image_size=size,
                            files=len(files), folded_bn=fold_bn)
     ensure_dir(out_dir)
     side_dirs = [out_dir] + [out_dir / d for d, on in ((MASKS_SUBDIR, save_masks), (COMPARE_SUBDIR, compare)) if on]
@@ -724,13 +731,17 @@ def _write_skipped(out_dir: Path, rows: list[tuple[str, str, str]]) -> None:
     _write(path, buffer.getvalue().encode("utf-8", errors="surrogateescape"))
 
 
+DETECTOR_NAMES = {"auto": "HOG, CNN where HOG finds none", "hog": "HOG", "cnn": "CNN"}
+
+
 def summary_table(summary: InferSummary, max_listed: int = 10):
     from rich.table import Table
 
     table = Table(title=f"unmask infer -> {summary.out_dir}", show_header=True)
     table.add_column("item")
     table.add_column("value", justify="right")
-    what = "aligned face crops" if summary.mode == "aligned" else "photos (detect, align, paste back)"
+    what = ("aligned face crops" if summary.mode == "aligned"
+            else f"photos (detect with {DETECTOR_NAMES[summary.detector]}, align, paste back)")
     table.add_row("input", f"{summary.files} file(s), {what}")
     table.add_row("masks", "supplied (--masks)" if summary.mask_source == "supplied" else "predicted (map module)")
     table.add_row("model", f"{summary.image_size} px, {summary.device}")
@@ -748,8 +759,10 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
             if len(summary.no_face_files) > max_listed:
                 table.add_row(f"  ... {len(summary.no_face_files) - max_listed} more", "")
             if summary.mask_source == "predicted":
-                table.add_row("[yellow]  hint[/]", "[yellow]dlib often misses masked faces: pass --masks DIR "
-                              "(faces are then also located from the maps) or use --aligned crops[/]")
+                table.add_row("[yellow]  hint[/]", "[yellow]dlib misses some masked faces"
+                              + (" (try --detector cnn)" if summary.detector == "hog" else "")
+                              + ": pass --masks DIR (faces are then also located from the maps) or use --aligned "
+                              "crops[/]")
     if summary.unchanged:
         table.add_row("empty map: copied", str(summary.unchanged))
     if summary.already_done:
