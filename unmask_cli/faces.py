@@ -155,7 +155,7 @@ class FaceAligner:
         """All faces, largest first. Large photos are detected on a downscaled copy (landmarks at full size).
 
         ``hog``: dlib's HOG detector (fast; misses most faces whose lower half is covered). ``cnn``: dlib's
-        CNN detector (finds most masked faces; about 10-60 s per photo on 2 CPU cores, so photos are searched
+        CNN detector (finds most masked faces; about 3-27 s per photo on 2 CPU cores, so photos are searched
         at up to ``max_cnn_side`` px). ``auto``: HOG, then the CNN when HOG finds no face.
         """
         import cv2
