@@ -51,6 +51,13 @@ def model_path(name: str, override: str | os.PathLike | None = None) -> Path:
     )
 
 
+def check_detector(name: str) -> str:
+    """``name`` if it is one of :data:`DETECTORS`, else a one-line :class:`UnmaskError`."""
+    if name not in DETECTORS:
+        raise UnmaskError(f"unknown face detector '{name}' (choose {', '.join(DETECTORS)})")
+    return name
+
+
 @dataclass
 class Face:
     box: tuple[int, int, int, int]  # left, top, right, bottom in the source photo
@@ -117,14 +124,12 @@ class FaceAligner:
     ):
         import dlib
 
-        if detector not in DETECTORS:
-            raise UnmaskError(f"unknown face detector '{detector}' (choose {', '.join(DETECTORS)})")
+        self.mode = check_detector(detector)
         self.size = size
         self.upsample = upsample
         self.min_face = min_face
         self.max_detect_side = max_detect_side
         self.max_cnn_side = max_cnn_side
-        self.mode = detector
         self.landmarks_path = model_path(LANDMARKS_68, landmarks_path)
         self.detector = dlib.get_frontal_face_detector()
         self.cnn = None

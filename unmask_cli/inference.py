@@ -530,11 +530,10 @@ def run_infer(
     and listed in the summary and ``OUT_DIR/skipped.csv``; setup problems raise :class:`UnmaskError`.
     """
     from unmask_cli.checkpoints import build_networks_from_checkpoint
-    from unmask_cli.faces import DETECTORS
-
-    if detector not in DETECTORS:
-        raise UnmaskError(f"unknown face detector '{detector}' (choose {', '.join(DETECTORS)})")
     from unmask_cli.device import choose_device
+    from unmask_cli.faces import check_detector
+
+    check_detector(detector)
 
     start = time.perf_counter()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -559,8 +558,7 @@ def run_infer(
     summary = InferSummary(in_dir=str(in_dir), out_dir=str(out_dir), checkpoint=str(checkpoint),
                            device=net.describe(), mode="aligned" if aligned else "photos",
                            mask_source="supplied" if masks is not None else "predicted", detector=detector,
-                           image_size=size,
-                           files=len(files), folded_bn=fold_bn)
+                           image_size=size, files=len(files), folded_bn=fold_bn)
     ensure_dir(out_dir)
     side_dirs = [out_dir] + [out_dir / d for d, on in ((MASKS_SUBDIR, save_masks), (COMPARE_SUBDIR, compare)) if on]
     for folder in side_dirs:
