@@ -398,8 +398,10 @@ def test_infer_many_faces_with_supplied_maps(tmp_path, ckpts, face_tile):
     (tmp_path / "maps").mkdir()
     write(tmp_path / "in" / "crowd.png", png_bytes(masked))
     write(tmp_path / "maps" / "crowd.png", png_bytes(mask))
-    summary = run_infer(tmp_path / "in", tmp_path / "out", ckpts["plain"], masks_dir=tmp_path / "maps", device="cpu")
-    assert summary.processed == 1 and summary.faces == 6
+    # HOG only (it finds none of them): every face is located from its map
+    summary = run_infer(tmp_path / "in", tmp_path / "out", ckpts["plain"], masks_dir=tmp_path / "maps", device="cpu",
+                        detector="hog")
+    assert summary.processed == 1 and summary.faces == 6 and summary.faces_from_maps == 6
     result = read_image(tmp_path / "out" / "crowd.png")
     for row in range(2):
         for col in range(3):
@@ -453,7 +455,9 @@ def test_infer_bad_mask_maps(cli, tmp_path, ckpts, masked_astronaut):
     write(maps / "soft.png", png_bytes(soft))
     write(maps / "textmap.png", b"not a mask\n")
     write(maps / "emptymap.png", png_bytes(np.zeros_like(mask)))
-    result = cli("infer", inp, out, "--checkpoint", ckpts["plain"], "--masks", maps, "--device", "cpu").ok()
+    # HOG only: the face is then located from the supplied map (the CNN fallback would find it itself)
+    result = cli("infer", inp, out, "--checkpoint", ckpts["plain"], "--masks", maps, "--device", "cpu",
+                 "--detector", "hog").ok()
     rows = {r["file"]: r for r in read_csv_rows(out / "skipped.csv")}
     assert {k: v["reason"] for k, v in rows.items()} == {
         "wrongsize.png": "mask size mismatch", "soft.png": "mask not binary", "nomap.png": "missing mask",
