@@ -53,6 +53,7 @@ ABLATION_SET = ["loss.lambda_perc=0", "loss.lambda_adv_whole=0", "loss.lambda_ad
 REALISTIC_MASKS = "surgical:3,cloth:2,n95:1,kn95:1"
 TABLE_COLUMNS = ("psnr_mask", "ssim_mask", "fd_mask", "identity", "psnr_whole", "landmarks")
 UNREACHABLE_EPOCHS = 1_000_000
+ROW_LABELS = {"gan": "ours (GAN)", "ablation": "ablation (L1+SSIM)", "ablation_steps": "ablation, GAN's steps"}
 
 
 def default_mask_types() -> str:
@@ -225,7 +226,7 @@ def check_targets(rows: dict[str, dict]) -> list[tuple[str, bool, str]]:
         value = rows[label][key]["mean"]
         return math.nan if value is None else value
 
-    ours, telea = "ours (GAN)", "telea"
+    ours, telea = ROW_LABELS["gan"], "telea"
     checks = [
         (f"PSNR mask >= telea + 7 dB ({mean(ours, 'psnr_mask'):.2f} vs {mean(telea, 'psnr_mask') + 7:.2f})",
          mean(ours, "psnr_mask") >= mean(telea, "psnr_mask") + 7),
@@ -236,7 +237,7 @@ def check_targets(rows: dict[str, dict]) -> list[tuple[str, bool, str]]:
         (f"ID dist < telea ({mean(ours, 'identity'):.4f} vs {mean(telea, 'identity'):.4f})",
          mean(ours, "identity") < mean(telea, "identity")),
     ]
-    abl = "ablation (L1+SSIM)"
+    abl = ROW_LABELS["ablation"]
     if abl in rows:
         checks += [
             (f"FD mask < ablation ({mean(ours, 'fd_mask'):.4f} vs {mean(abl, 'fd_mask'):.4f})",
@@ -305,30 +306,23 @@ def main() -> None:
                           f"{info['epochs_done']} full epochs) in {info['seconds']:.0f} s")
 
         console.print(f"[bold]{len(runs) + 2}. evaluate[/] the test split (FD network: {vgg})")
-        gan_report = evaluate(chosen_checkpoint(args.work / "gan", args.checkpoint), data_root, args.work / "eval_gan", vgg, args, console,
-                              ("telea", "ns", "masked"))
-        rows = {"ours (GAN)": gan_report.summary["ours"]}
-        abl_report = None
-        if "ablation" in trained:
-            abl_report = evaluate(chosen_checkpoint(args.work / "ablation", args.checkpoint), data_root, args.work / "eval_ablation", vgg,
-                                  args, console, ())
-            if abl_report.vgg != gan_report.vgg:  # the same FD network for both (random: same seed)
-                raise SystemExit(f"FD networks differ: {gan_report.vgg} vs {abl_report.vgg}")
-            rows["ablation (L1+SSIM)"] = abl_report.summary["ours"]
-        matched_report = None
-        if "ablation_steps" in trained:
-            matched_report = evaluate(chosen_checkpoint(args.work / "ablation_steps", args.checkpoint), data_root,
-                                      args.work / "eval_ablation_steps", vgg, args, console, ())
-            rows["ablation, GAN's steps"] = matched_report.summary["ours"]
+        reports = {}
+        for name in ("gan", *(n for n in ("ablation", "ablation_steps") if n in trained)):
+            baselines = ("telea", "ns", "masked") if name == "gan" else ()  # they do not depend on the model
+            reports[name] = evaluate(chosen_checkpoint(args.work / name, args.checkpoint), data_root,
+                                     args.work / f"eval_{name}", vgg, args, console, baselines)
+            if reports[name].vgg != reports["gan"].vgg:  # the same FD network for all (random: same seed)
+                raise SystemExit(f"FD networks differ: {reports['gan'].vgg} vs {reports[name].vgg}")
+        gan_report = reports["gan"]
+        rows = {ROW_LABELS[name]: report.summary["ours"] for name, report in reports.items()}
         for name in ("telea", "ns", "masked"):
             rows[name if name != "masked" else "masked (input)"] = gan_report.summary[name]
     except UnmaskError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         raise SystemExit(1) from err
 
-    reports = {"gan": gan_report, "ablation": abl_report, "ablation_steps": matched_report}
     evaluated = ", ".join(f"{name} {r.checkpoint.name} (epoch {r.epoch}, step {r.global_step})"
-                          for name, r in reports.items() if r is not None)
+                          for name, r in reports.items())
     caption = Text(f"{gan_report.n_images} test faces at {gan_report.image_size} px from {args.source.name} "
                    f"(masks: {args.mask_types}); {args.minutes:g} min of training per model on {args.device} "
                    f"({torch.get_num_threads()} threads); GAN {trained['gan']['global_step']} steps "
@@ -351,9 +345,9 @@ def main() -> None:
         "vgg": gan_report.vgg, "vgg_random": gan_report.vgg_random, "prepare_seconds": round(prep_seconds, 1),
         "training": trained, "n_test_images": gan_report.n_images, "image_size": gan_report.image_size,
         "summary": rows, "targets": [{"target": t, "pass": ok} for t, ok, _ in targets],
-        "reports": {name: str(r.out) for name, r in reports.items() if r is not None},
+        "reports": {name: str(r.out) for name, r in reports.items()},
         "evaluated": {name: {"checkpoint": str(r.checkpoint), "epoch": r.epoch, "global_step": r.global_step}
-                      for name, r in reports.items() if r is not None},
+                      for name, r in reports.items()},
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     atomic_write_text(args.work / "quality.json", json.dumps(result, indent=2) + "\n")
