@@ -61,9 +61,9 @@ def _write_checkpoint(path: Path, map_module: bool = True, map_bias: float | Non
     return path
 
 
-# Tests of the --masks path (faces located from the supplied maps where the detector misses them) use the
-# HOG detector alone: the CNN fallback of the default "auto" would find some of those faces first and takes
-# 5-20 s a photo; test_cnn_detector_finds_a_masked_face_hog_misses covers "auto".
+# Tests of the --masks path (faces located from the supplied maps where the detector misses them) name the
+# HOG detector, which "auto" also uses alone when maps are supplied (test_cnn_detector_finds_a_masked_face_
+# hog_misses checks that, and the CNN fallback without maps).
 HOG = "hog"
 
 
@@ -364,6 +364,12 @@ def test_cnn_detector_finds_a_masked_face_hog_misses(tmp_path, ckpts, astronaut,
     ys, xs = np.nonzero(changed)
     assert abs(xs.mean() - (left + right) / 2) < 0.25 * (right - left)
     assert abs(ys.mean() - (top + bottom) / 2) < 0.5 * (bottom - top)
+
+    maps = tmp_path / "maps"  # with supplied maps, auto skips the CNN: the map locates the face
+    maps.mkdir()
+    _png(maps / "masked.png", (masked.mask * 255).astype(np.uint8))
+    mapped = run_infer(inp, tmp_path / "mapped", ckpts["plain"], masks_dir=maps, device="cpu")
+    assert mapped.detector == "auto" and mapped.faces == 1 and mapped.faces_from_maps == 1
 
     with pytest.raises(UnmaskError, match="unknown face detector 'mtcnn'"):
         run_infer(inp, tmp_path / "bad", ckpts["map_all"], device="cpu", detector="mtcnn")

@@ -166,7 +166,7 @@ def infer(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
     all_faces: Annotated[bool, typer.Option("--all-faces/--largest-face", help="Unmask every face or only the largest.")] = True,
     landmarks: Annotated[Path | None, typer.Option(help="dlib 68-landmark model file.")] = None,
-    detector: Annotated[str, typer.Option(help="Face detector: auto (dlib HOG, then dlib's CNN on photos where HOG finds no face; the CNN finds most masked faces HOG misses, about 14 s a photo on 2 CPU cores), hog or cnn.")] = "auto",
+    detector: Annotated[str, typer.Option(help="Face detector: auto (dlib HOG, then, without --masks, dlib's CNN on photos where HOG finds no face; the CNN finds most masked faces HOG misses, about 14 s a photo on 2 CPU cores), hog or cnn.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist (default: skip them, so reruns resume).")] = False,
     fold_bn: Annotated[bool, typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convolutions (same outputs within 1e-4, faster).")] = True,
 ) -> None:

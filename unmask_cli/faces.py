@@ -156,12 +156,13 @@ class FaceAligner:
         return [(int(round(r.left() / scale)), int(round(r.top() / scale)), int(round(r.right() / scale)),
                  int(round(r.bottom() / scale))) for r in detect(image)]
 
-    def detect(self, rgb: np.ndarray) -> list[Face]:
+    def detect(self, rgb: np.ndarray, fallback: bool = True) -> list[Face]:
         """All faces, largest first. Large photos are detected on a downscaled copy (landmarks at full size).
 
         ``hog``: dlib's HOG detector (fast; misses most faces whose lower half is covered). ``cnn``: dlib's
         CNN detector (finds most masked faces; about 3-27 s per photo on 2 CPU cores, so photos are searched
-        at up to ``max_cnn_side`` px). ``auto``: HOG, then the CNN when HOG finds no face.
+        at up to ``max_cnn_side`` px). ``auto``: HOG, then the CNN when HOG finds no face and ``fallback``
+        (the caller passes False when it has another way to find missed faces, e.g. supplied mask maps).
         """
         import cv2
         import dlib
@@ -169,7 +170,7 @@ class FaceAligner:
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         boxes = [] if self.mode == "cnn" else self._boxes(
             gray, self.max_detect_side, lambda image: self.detector(image, self.upsample))
-        if self.cnn is not None and not boxes:
+        if self.cnn is not None and not boxes and (fallback or self.mode == "cnn"):
             boxes = self._boxes(np.ascontiguousarray(rgb), self.max_cnn_side,
                                 lambda image: [d.rect for d in self.cnn(image, self.upsample)])
         faces = []

@@ -405,7 +405,8 @@ def find_faces(aligner, image: np.ndarray, path: str | os.PathLike | None = None
                photo_map: np.ndarray | None = None, all_faces: bool = True):
     """Faces of a photo (largest first) and how many of them were located from the mask map.
 
-    Plain dlib HOG detection first. With a whole-photo mask map, every mask that no detected face explains
+    The aligner's detector first (``auto`` without a map: HOG, then the CNN; with a map: HOG alone, since the
+    map does the CNN's job faster). With a whole-photo mask map, every mask that no detected face explains
     (its centre inside a face box, widened by 25%) is taken as a masked face the detector missed: its box
     is searched around the mask (see :func:`_face_box_for_mask`) and its 68 landmarks predicted there.
     Raises :class:`BadInput` (reason ``no face`` / ``face too small`` / ``too small``) when nothing is usable.
@@ -419,7 +420,8 @@ def find_faces(aligner, image: np.ndarray, path: str | os.PathLike | None = None
     min_face = aligner.min_face
     if min(height, width) < min_face:
         raise BadInput(f"image too small ({width}x{height}, need at least {min_face} px)", path, "too small")
-    detected = aligner.detect(image)
+    # a supplied map locates every masked face HOG misses (below), so auto mode skips the slow CNN then
+    detected = aligner.detect(image, fallback=photo_map is None)
     found = [f for f in detected if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_face]
     guided = 0
     if photo_map is not None and photo_map.any():
