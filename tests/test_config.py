@@ -77,6 +77,10 @@ def test_overrides(tmp_path):
         load_config(None, ["data.image_size=100"])
     with pytest.raises(ConfigError, match="loss.warmup_steps must be >= 0"):
         load_config(None, ["loss.warmup_steps=-1"])
+    for bad in ("1", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match=r"train.ema_decay must be in \[0, 1\)"):
+            load_config(None, [f"train.ema_decay={bad}"])
+    assert load_config(None, ["train.ema_decay=0.999"]).train.ema_decay == 0.999
 
 
 def test_yaml_is_read_safely(tmp_path):

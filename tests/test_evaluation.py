@@ -96,7 +96,7 @@ def test_files_exist_and_parse(report: EvalReport, checkpoint: Path, data_root: 
     assert doc["epoch"] == 1 and doc["global_step"] == 1
     assert doc["data"] == str(data_root.resolve())
     assert doc["split"] == "all" and doc["n_images"] == 8 and doc["image_size"] == SIZE
-    assert doc["device"] == "cpu"
+    assert doc["device"] == "cpu" and doc["generator_weights"] == "G"
     assert doc["vgg_random"] is True and "RANDOM" in doc["vgg"] and doc["vgg_layers"] == [3, 8, 15, 22]
     assert set(doc["summary"]) == set(METHODS)
     for method in METHODS:
@@ -223,7 +223,7 @@ def test_table_and_caption_name_the_vgg_weights(report: EvalReport, checkpoint: 
     assert "PSNR mask" in text and "SSIM whole" in text and "landmark" in text and "ID dist" in text
     assert "RANDOM VGG" in text and "NOT meaningful" in text
     flat = " ".join(text.split())  # the caption wraps at the table's width, wherever the tmp path ends
-    assert str(checkpoint) in flat and "split all" in flat and "8 images" in flat
+    assert str(checkpoint) in flat and "split all" in flat and "8 images" in flat and "weights: G" in flat
     assert f"{report.mean('ours', 'psnr_mask'):.2f}" in text
 
 
@@ -241,6 +241,30 @@ def test_comparison_sheet_size_and_content(report: EvalReport, data_root: Path):
     assert np.array_equal(sheet[top:top + tile:3, left:left + tile:3], masked)
     caption = sheet[top + tile:top + tile + SHEET_CAPTION_HEIGHT, 2 * (tile + pad) + pad:3 * (tile + pad)]
     assert (caption < 200).any()  # the telea caption is drawn as text
+
+
+def test_eval_scores_the_ema_weights_unless_told_not_to(checkpoint: Path, data_root: Path, tmp_path: Path):
+    """A checkpoint with an EMA of G (train.ema_decay > 0) is scored with it; --no-ema scores G itself.
+    Scores are compared with checkpoints that hold the same weights as their only G."""
+    from unmask_cli.checkpoints import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    averaged = {k: v * 0.9 if v.is_floating_point() else v for k, v in ckpt["networks"]["G"].items()}
+    with_ema = save_checkpoint(tmp_path / "ema.pt", {**ckpt, "ema": {"decay": 0.99, "updates": 1, "G": averaged}})
+    as_plain_g = save_checkpoint(tmp_path / "plain.pt", {**ckpt, "networks": {**ckpt["networks"], "G": averaged}})
+
+    def scores(path: Path, **kwargs) -> tuple[list[float], EvalReport]:
+        rep = run_eval(path, data_root, split="val", out=tmp_path / f"eval_{path.stem}_{len(kwargs)}",
+                       device="cpu", sheet_images=0, baselines=("masked",), **kwargs)
+        return [row["methods"]["ours"]["psnr_mask"] for row in rep.per_image], rep
+
+    ema_scores, rep = scores(with_ema)
+    assert ema_scores == scores(as_plain_g)[0]
+    assert rep.weights == "EMA of G (decay 0.99, 1 updates)"
+    assert _strict_json(rep.files["metrics"])["generator_weights"] == rep.weights
+    raw_scores, raw_rep = scores(with_ema, ema=False)
+    assert raw_scores == scores(checkpoint)[0] != ema_scores
+    assert raw_rep.weights == "G (its EMA not used)"
 
 
 # ------------------------------------------------------------------------------------- splits and errors

@@ -83,8 +83,10 @@ def quiet() -> Console:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every network's tensors, and the EMA of G's when the run keeps one."""
     ckpt = load_checkpoint(path)
-    return {f"{net}.{k}": v for net, sd in ckpt["networks"].items() for k, v in sd.items()}
+    nets = {**ckpt["networks"], **({"G_ema": ckpt["ema"]["G"]} if "ema" in ckpt else {})}
+    return {f"{net}.{k}": v for net, sd in nets.items() for k, v in sd.items()}
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:
@@ -364,14 +366,14 @@ def _signal_after(monkeypatch, calls: int, signum: int) -> None:
 
 @pytest.mark.parametrize("how", ["sigint-mid-epoch", "sigterm-mid-epoch", "epoch-boundary"])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, data_root, monkeypatch, how):
-    # 6 training images, batch 2 -> 3 steps per epoch, 3 epochs; dropout and the VGG term are on
-    overrides = ("train.epochs=3", "model.dropout=0.5")
+    # 6 training images, batch 2 -> 3 steps per epoch, 3 epochs; dropout, the VGG term and the EMA are on
+    overrides = ("train.epochs=3", "model.dropout=0.5", "train.ema_decay=0.9")
     full = tmp_path / "full"
     train(cfg_with(*overrides), full, data_root, device_spec="cpu", console=quiet())
 
     part = tmp_path / "part"
     if how == "epoch-boundary":
-        first = train(cfg_with("train.epochs=1", "model.dropout=0.5"), part, data_root, device_spec="cpu",
+        first = train(cfg_with("train.epochs=1", *overrides[1:]), part, data_root, device_spec="cpu",
                       console=quiet())
         assert first.status == "completed" and first.epochs_done == 1
     else:
@@ -397,6 +399,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, data_root, monke
     assert "resuming" in out.getvalue()
     assert_bitwise_equal(weights(full / "last.pt"), weights(part / "last.pt"))
     full_ckpt, part_ckpt = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
+    assert full_ckpt["ema"]["updates"] == part_ckpt["ema"]["updates"] == 9
     for name in ("G", "D", "M"):
         a, b = full_ckpt["optimizers"][name]["state"], part_ckpt["optimizers"][name]["state"]
         assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
@@ -443,6 +446,76 @@ def test_warmup_trains_reconstruction_only_then_every_term(tmp_path, data_root, 
     seen.clear()  # resuming after the warm-up does not repeat it
     train(cfg_with("train.epochs=4", "loss.warmup_steps=4"), run, data_root, device_spec="cpu", console=quiet())
     assert seen == [(1.0, 1.0, 1.0, True)] * 3
+
+
+def test_ema_averages_every_step_resumes_and_is_what_eval_loads(tmp_path, data_root, monkeypatch):
+    from unmask_cli import training
+
+    after_step = []  # G's weights and BatchNorm statistics after every step
+    real_step = training.train_step
+
+    def step(batch, nets, *args):
+        values = real_step(batch, nets, *args)
+        after_step.append({k: v.detach().clone() for k, v in nets["G"].state_dict().items()})
+        return values
+
+    monkeypatch.setattr(training, "train_step", step)
+    decay = 0.8
+
+    def expected_ema(start: dict | None, snapshots: list[dict]) -> dict:
+        ema = dict(start or snapshots[0])  # the first update copies G
+        for snap in snapshots[0 if start else 1:]:
+            ema = {k: decay * ema[k] + (1 - decay) * v if v.is_floating_point() else v for k, v in snap.items()}
+        return ema
+
+    def check(stored: dict, wanted: dict) -> None:
+        floats = [k for k, v in wanted.items() if v.is_floating_point()]
+        assert floats and any(k.endswith("running_var") for k in floats)  # BatchNorm statistics averaged too
+        for k in floats:
+            torch.testing.assert_close(stored[k], wanted[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    run = tmp_path / "run"
+    out = io.StringIO()
+    overrides = ("loss.lambda_perc=0", f"train.ema_decay={decay}")
+    summary = train(cfg_with("train.epochs=2", *overrides), run, data_root, device_spec="cpu",
+                    console=Console(file=out, force_terminal=False, width=200))
+    assert summary.global_step == 6 and "EMA of G: decay 0.8" in out.getvalue()
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["ema"]["decay"] == decay and ckpt["ema"]["updates"] == 6
+    check(ckpt["ema"]["G"], expected_ema(None, after_step))
+    raw = ckpt["networks"]["G"]
+    assert any(not torch.allclose(ckpt["ema"]["G"][k], raw[k]) for k in raw if raw[k].is_floating_point())
+
+    model = build_networks_from_checkpoint(run / "last.pt")  # eval and infer load the average...
+    assert model.weights == "EMA of G (decay 0.8, 6 updates)"
+    assert all(torch.equal(v, ckpt["ema"]["G"][k]) for k, v in model.G.state_dict().items())
+    plain = build_networks_from_checkpoint(run / "last.pt", ema=False)  # ... or, asked, G's own weights
+    assert plain.weights == "G (its EMA not used)"
+    assert all(torch.equal(v, raw[k]) for k, v in plain.G.state_dict().items())
+
+    # validation scores the averaged weights (best.pt follows them)
+    saved_ema = {k: v.clone() for k, v in ckpt["ema"]["G"].items()}
+    seen_by_validation = []
+    real_validate = training.validate
+    monkeypatch.setattr(training, "validate", lambda nets, *a: seen_by_validation.append(
+        {k: v.clone() for k, v in nets["G"].state_dict().items()}) or real_validate(nets, *a))
+
+    # resuming continues the same average (3 more steps)
+    first_run = len(after_step)
+    train(cfg_with("train.epochs=3", *overrides), run, data_root, device_spec="cpu", console=quiet())
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["ema"]["updates"] == 9
+    wanted = expected_ema(saved_ema, after_step[first_run:])
+    check(ckpt["ema"]["G"], wanted)
+    check(seen_by_validation[-1], wanted)
+
+    # a run without EMA (the paper) stores none, and says so when it drops a checkpoint's average
+    out = io.StringIO()
+    train(cfg_with("train.epochs=4", "loss.lambda_perc=0"), run, data_root, device_spec="cpu",
+          console=Console(file=out, force_terminal=False, width=200))
+    assert "EMA weights are dropped" in out.getvalue()
+    assert "ema" not in load_checkpoint(run / "last.pt")
+    assert build_networks_from_checkpoint(run / "last.pt").weights == "G"
 
 
 # ------------------------------------------------------------------------------------------ SIGKILL

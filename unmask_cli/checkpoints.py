@@ -7,11 +7,13 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts only)::
     samples_in_epoch        samples of epoch ``epoch`` (0-based) already trained on; 0 at an epoch end,
                             > 0 when the run was stopped (Ctrl-C / SIGTERM) at a batch boundary
     global_step             optimizer steps so far
-    best_psnr, best_epoch   best validation PSNR (composite, whole image) so far
+    best_psnr, best_epoch   best validation PSNR (composite, whole image; of the EMA weights when on) so far
     epoch_stats             running loss sums of the unfinished epoch (empty at an epoch end)
     config                  Config.to_dict() of the run
     vgg                     description of the VGG16 weights of the perceptual loss
     networks                state dicts: G, D_whole, D_mask (and M)
+    ema                     only with ``train.ema_decay`` > 0: {decay, updates, G}, the moving average of G's
+                            weights and BatchNorm buffers; eval and infer use it instead of networks.G
     optimizers              state dicts: G, D (both discriminators), M
     scaler                  torch.amp.GradScaler state (empty when AMP is off)
     rng                     torch / cuda / numpy / python random states
@@ -242,11 +244,14 @@ class TrainedModel:
     global_step: int
     vgg: str
     path: Path
+    weights: str = "G"  # which generator weights: "G", or "EMA of G (decay ..., N updates)"
 
 
-def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
+def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                                   ema: bool = True) -> TrainedModel:
     """Rebuild G (and the map module M, if the run had one) from the stored config, load the weights
-    (strict), move them to ``device`` and switch to eval mode."""
+    (strict), move them to ``device`` and switch to eval mode. G gets the EMA weights when the checkpoint
+    has them (``train.ema_decay`` > 0) unless ``ema`` is False."""
     from unmask_cli.models import MapModule, UNetGenerator
 
     path = Path(path)
@@ -261,11 +266,18 @@ def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.
         M = MapModule(3, m.nmf, size, m.max_mult) if m.map_module and "M" in nets else None
     except ConfigError as err:
         raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
-    load_state(G, nets["G"], "G", path)
+    stored = ckpt.get("ema")
+    if ema and isinstance(stored, dict) and "G" in stored:
+        load_state(G, stored["G"], "G (EMA)", path)
+        weights = f"EMA of G (decay {stored.get('decay', 0):g}, {int(stored.get('updates', 0))} updates)"
+    else:
+        load_state(G, nets["G"], "G", path)
+        weights = "G (its EMA not used)" if stored else "G"
     if M is not None:
         load_state(M, nets["M"], "M", path)
     device = torch.device(device)
     G = G.to(device).eval()
     M = M.to(device).eval() if M is not None else None
     return TrainedModel(G=G, M=M, config=cfg, image_size=size, epoch=int(ckpt["epoch"]),
-                        global_step=int(ckpt["global_step"]), vgg=str(ckpt.get("vgg", "unknown")), path=path)
+                        global_step=int(ckpt["global_step"]), vgg=str(ckpt.get("vgg", "unknown")), path=path,
+                        weights=weights)

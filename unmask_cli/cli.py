@@ -136,6 +136,7 @@ def eval_(
     max_images: Annotated[int | None, typer.Option(help="Evaluate only the first N images of the split.")] = None,
     sheet_images: Annotated[int, typer.Option(help="Rows in comparison.png (0 = none).")] = 8,
     baselines: Annotated[str, typer.Option(help="Classical methods scored beside the GAN: any of telea,ns,masked.")] = "telea,ns,masked",
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Score the moving average of G's weights when the checkpoint has one (train.ema_decay > 0); --no-ema scores G's own weights.")] = True,
 ) -> None:
     """Score a checkpoint on held-out faces against classical inpainting (OpenCV Telea and Navier-Stokes).
 
@@ -147,7 +148,7 @@ def eval_(
     with make_progress(console, unit="img") as progress:
         report = run_eval(checkpoint, data, split=split, out=out, batch_size=batch_size, device=device,
                           vgg_weights=vgg_weights, max_images=max_images, sheet_images=sheet_images,
-                          progress=progress, baselines=names)
+                          progress=progress, baselines=names, ema=ema)
     console.print(report_table(report))
     console.print(f"reports: [bold]{report.out}[/] (metrics.json, per_image.csv, comparison.png)")
 

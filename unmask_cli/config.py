@@ -89,6 +89,10 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored elsewhere)
     num_sample_images: int = 8  # fixed validation faces in samples/epoch_NNN.png
     max_steps_per_epoch: int = 0  # 0 = the whole training split each epoch
+    # Exponential moving average of G's weights (and BatchNorm statistics), updated after every step:
+    # ema = decay * ema + (1 - decay) * G. Validation, best.pt, eval and infer then use the EMA weights.
+    # 0 = off (the paper: the last weights of G).
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -185,6 +189,7 @@ def _validate(cfg: Config, where: str) -> None:
         (cfg.model.ngf >= 1 and cfg.model.ndf >= 1 and cfg.model.nmf >= 1, "model widths must be >= 1"),
         (cfg.model.d_layers >= 1, "model.d_layers must be >= 1"),
         (cfg.loss.warmup_steps >= 0, "loss.warmup_steps must be >= 0"),
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1) (0 = off)"),
         (all(0 <= i <= 29 for i in cfg.loss.vgg_layers) and cfg.loss.vgg_layers == sorted(set(cfg.loss.vgg_layers))
          and len(cfg.loss.vgg_layers) > 0,
          "loss.vgg_layers must be increasing indices into vgg16().features (0-29)"),

@@ -85,6 +85,7 @@ class EvalReport:
     split: str
     n_images: int
     image_size: int
+    weights: str  # which generator weights were scored (G, or its EMA)
     vgg: str  # description of the VGG16 weights used for FD
     vgg_random: bool
     train_vgg: str  # what the checkpoint's perceptual loss was trained with
@@ -230,6 +231,7 @@ def run_eval(
     sheet_images: int = 8,
     progress=None,
     baselines: Sequence[str] = BASELINE_ORDER,
+    ema: bool = True,
 ) -> EvalReport:
     """Evaluate ``checkpoint`` on ``split`` of the prepared dataset ``data`` and write the reports.
 
@@ -238,7 +240,8 @@ def run_eval(
     ``loss.vgg_weights`` for FD (imagenet | a weights file | random); the layers are always the
     checkpoint's ``loss.vgg_layers``. ``max_images`` keeps the first N images of the split;
     ``sheet_images`` rows go into ``comparison.png`` (0 = no sheet). ``baselines`` picks the classical
-    methods scored beside the generator (any of telea, ns, masked). ``progress``: a rich Progress.
+    methods scored beside the generator (any of telea, ns, masked). ``ema`` False scores G's own weights
+    when the checkpoint also holds their moving average. ``progress``: a rich Progress.
     """
     from torch.utils.data import DataLoader
 
@@ -267,7 +270,7 @@ def run_eval(
 
     dev = choose_device(device)
     checkpoint = Path(checkpoint)
-    model = build_networks_from_checkpoint(checkpoint, dev)
+    model = build_networks_from_checkpoint(checkpoint, dev, ema=ema)
     cfg = model.config
     size = model.image_size
     data_root = Path(data) if data is not None else Path(cfg.data.root)
@@ -379,7 +382,7 @@ def run_eval(
                               f"{n_total - n_landmarked}")
     report = EvalReport(
         checkpoint=checkpoint, epoch=model.epoch, global_step=model.global_step, data=data_root,
-        split=split_name, n_images=n_total, image_size=size, vgg=vgg_description, vgg_random=vgg_random,
+        split=split_name, n_images=n_total, image_size=size, weights=model.weights, vgg=vgg_description, vgg_random=vgg_random,
         train_vgg=model.vgg, device=str(dev), identity_landmarks=identity_landmarks, methods=methods,
         summary=summary, per_image=per_image, out=out_dir, note=note, skipped=skipped,
     )
@@ -398,7 +401,7 @@ def _write_outputs(report: EvalReport, layers: list[int], spec: str, sheet: list
     header = {
         "checkpoint": str(report.checkpoint.resolve()), "epoch": report.epoch, "global_step": report.global_step,
         "data": str(report.data.resolve()), "split": report.split, "n_images": report.n_images,
-        "image_size": report.image_size, "vgg": report.vgg, "vgg_weights": spec, "vgg_layers": layers,
+        "image_size": report.image_size, "generator_weights": report.weights, "vgg": report.vgg, "vgg_weights": spec, "vgg_layers": layers,
         "vgg_random": report.vgg_random, "train_vgg": report.train_vgg, "device": report.device,
         "identity_landmarks": report.identity_landmarks, "output": "composite (input outside the mask, "
         "generated inside), 8-bit", "note": report.note,
@@ -547,8 +550,9 @@ def report_caption(report: EvalReport):
     from rich.text import Text
 
     text = Text()
-    text.append(f"checkpoint {report.checkpoint} (epoch {report.epoch}); data {report.data}; split "
-                f"{report.split}; {report.n_images} images at {report.image_size} px; device {report.device}\n")
+    text.append(f"checkpoint {report.checkpoint} (epoch {report.epoch}, weights: {report.weights}); data "
+                f"{report.data}; split {report.split}; {report.n_images} images at {report.image_size} px; "
+                f"device {report.device}\n")
     text.append("FD network: ")
     text.append(report.vgg, style="bold red" if report.vgg_random else "")
     if report.vgg_random:

@@ -82,6 +82,7 @@ class InferSummary:
     mask_source: str = "predicted"  # "predicted" (map module) | "supplied" (--masks)
     detector: str = "auto"  # face detector of "photos" mode: auto (HOG, then CNN) | hog | cnn
     image_size: int = 0
+    weights: str = "G"  # the generator weights used: G, or its EMA (train.ema_decay > 0)
     files: int = 0  # visible files in IN_DIR
     processed: int = 0  # outputs written with at least one face unmasked
     faces: int = 0  # faces unmasked
@@ -560,7 +561,7 @@ def run_infer(
     summary = InferSummary(in_dir=str(in_dir), out_dir=str(out_dir), checkpoint=str(checkpoint),
                            device=net.describe(), mode="aligned" if aligned else "photos",
                            mask_source="supplied" if masks is not None else "predicted", detector=detector,
-                           image_size=size, files=len(files), folded_bn=fold_bn)
+                           image_size=size, weights=model.weights, files=len(files), folded_bn=fold_bn)
     ensure_dir(out_dir)
     side_dirs = [out_dir] + [out_dir / d for d, on in ((MASKS_SUBDIR, save_masks), (COMPARE_SUBDIR, compare)) if on]
     for folder in side_dirs:
@@ -744,7 +745,7 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
             else f"photos (detect with {DETECTOR_NAMES[summary.detector]}, align, paste back)")
     table.add_row("input", f"{summary.files} file(s), {what}")
     table.add_row("masks", "supplied (--masks)" if summary.mask_source == "supplied" else "predicted (map module)")
-    table.add_row("model", f"{summary.image_size} px, {summary.device}")
+    table.add_row("model", f"{summary.image_size} px, {summary.weights}, {summary.device}")
     table.add_row("unmasked images", str(summary.processed))
     if summary.mode == "photos":
         table.add_row("faces unmasked", str(summary.faces))

@@ -12,6 +12,10 @@ boundary where the run stops; resuming re-creates the same permutation and start
 sample. On the CPU an interrupted and resumed run therefore ends with bitwise the same weights as an
 uninterrupted one. A SIGKILL loses the unfinished epoch: the rerun restarts from the last epoch end and
 redoes it identically (same order, same RNG states), so the final weights are still the same.
+
+EMA (``train.ema_decay`` > 0, off by default): after every step a moving average of G's weights and
+BatchNorm statistics is updated (``torch.optim.swa_utils.AveragedModel``); validation, the samples,
+best.pt, ``unmask eval`` and ``unmask infer`` use it. It is saved in every checkpoint and resumed exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 from unmask_cli.checkpoints import (
@@ -199,6 +205,29 @@ def train_step(batch: dict, nets: dict, optimizers: dict, scaler, dev: DeviceSet
     values = torch.stack([g_total.detach().float(), *(terms[t].float() for t in G_TERMS),
                           d_whole.detach().float(), d_mask.detach().float(), m_loss.detach().float()])
     return dict(zip(STEP_KEYS, values.cpu().tolist(), strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+
+def make_ema(G: nn.Module, decay: float) -> AveragedModel | None:
+    """The exponential moving average of G's weights and BatchNorm buffers (``train.ema_decay``), or None
+    when it is off. ``update_parameters(G)`` after every step: the first copies G, later ones do
+    ``ema = decay * ema + (1 - decay) * G`` (torch.optim.swa_utils)."""
+    if decay <= 0:
+        return None
+    ema = AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.requires_grad_(False)
+    return ema
+
+
+def restore_ema(ema: AveragedModel, ckpt: dict, path: Path) -> bool:
+    """Load a checkpoint's EMA weights and update count into ``ema``; False when it has none."""
+    stored = ckpt.get("ema")
+    if not isinstance(stored, dict) or "G" not in stored:
+        return False
+    load_state(ema.module, stored["G"], "G (EMA)", path)
+    ema.n_averaged.fill_(int(stored.get("updates", 0)))
+    return True
 
 
 # -------------------------------------------------------------------------------------- validation
@@ -517,6 +546,14 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
                  f"{' ...' if len(changed) > 6 else ''}; continuing with the new values", "yellow")
         if ckpt.get("vgg") and ckpt["vgg"] != vgg_description:
             _say(console, f"note: the checkpoint was trained with {ckpt['vgg']}; now {vgg_description}", "yellow")
+    ema = make_ema(nets["G"], tc.ema_decay)
+    if ckpt is not None:
+        if ema is not None and not restore_ema(ema, ckpt, ckpt_path):
+            _say(console, "note: the checkpoint has no EMA of G; the average starts from its G weights", "yellow")
+        elif ema is None and ckpt.get("ema"):
+            _say(console, "note: train.ema_decay is 0: the checkpoint's EMA weights are dropped; G continues",
+                 "yellow")
+    eval_nets = nets if ema is None else {**nets, "G": ema.module}  # validation, samples, best.pt
     if start_samples >= samples_per_epoch:  # e.g. batch size or max_steps changed since the checkpoint
         start_samples = samples_per_epoch
 
@@ -551,6 +588,9 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     _say(console, f"  device {dev.describe()}; {len(train_ds)} train / {len(val_ds)} val samples at {size} px; "
                   f"{steps_per_epoch} batches of {tc.batch_size} per epoch; epochs {start_epoch + 1}..{target}")
     _say(console, f"  perceptual loss: {vgg_description}")
+    if ema is not None:
+        _say(console, f"  EMA of G: decay {tc.ema_decay:g}; validation, best.pt, eval and infer use the averaged "
+                      "weights")
     if global_step < warmup:
         _say(console, f"  warm-up: steps {global_step + 1}..{warmup} train on L1 + SSIM only; the perceptual "
                       f"and adversarial terms start at step {warmup + 1}")
@@ -566,7 +606,9 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     stop_signal: int | None = None
 
     def payload(epochs_done: int, samples_done: int, stats: dict) -> dict:
-        return {
+        extra = {} if ema is None else {"ema": {"decay": tc.ema_decay, "updates": int(ema.n_averaged),
+                                                "G": ema.module.state_dict()}}
+        return {**extra,
             "epoch": epochs_done, "samples_in_epoch": samples_done, "global_step": global_step,
             "best_psnr": best_psnr, "best_epoch": best_epoch, "epoch_stats": stats,
             "config": cfg.to_dict(), "vgg": vgg_description, "device": str(dev.device),
@@ -596,6 +638,8 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
                     batch = _check_batch(batch)
                     step_loss = warm_loss if global_step < warmup else gen_loss
                     values = train_step(batch, nets, optimizers, scaler, dev, step_loss, cfg.loss.lambda_map)
+                    if ema is not None:
+                        ema.update_parameters(nets["G"])
                     n = int(batch["masked"].shape[0])
                     global_step += 1
                     if global_step == warmup:
@@ -628,9 +672,9 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
 
                 # epoch end: validation, samples, metrics, checkpoints
                 tick = time.perf_counter()
-                val = validate(nets, val_loader, dev)
+                val = validate(eval_nets, val_loader, dev)
                 stats["val_time"] += time.perf_counter() - tick
-                grid = sample_grid(nets["G"], fixed, dev)
+                grid = sample_grid(eval_nets["G"], fixed, dev)
                 if grid is not None:
                     write_image(samples_dir / f"epoch_{epoch + 1:03d}.png", grid)
                 batches = max(stats["batches"], 1.0)
