@@ -17,7 +17,8 @@ Steps (everything under --work, default runs/quality/):
    ``loss.warmup_steps`` = ``--warmup-fraction`` (default 0.6) times the ablation's step count: it spends
    about that share of its budget on L1 + SSIM alone, the rest with the perceptual and adversarial terms
    and both discriminators. ``--warmup-fraction 0`` trains the paper's loss from the first step. Each run
-   starts fresh.
+   starts fresh. ``--ema-decay D`` sets ``train.ema_decay`` for both runs (the moving average of G's
+   weights is what gets evaluated).
 4. ``run_eval`` of both on the test split; FD uses the same VGG16 network for both (the ImageNet features
    in ../shared/weights when present, else random weights - printed loudly); the baselines (telea, ns,
    masked input) come from the GAN's evaluation (they do not depend on the model).
@@ -98,6 +99,9 @@ def parse_args() -> argparse.Namespace:
                              "0 = the paper's loss from the first step")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help="set the GAN's loss.warmup_steps directly (overrides --warmup-fraction)")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="train.ema_decay of both runs: evaluate the moving average of G's weights "
+                             "(e.g. 0.999); 0 = off, the last weights (the paper)")
     parser.add_argument("--skip-ablation", action="store_true")
     parser.add_argument("--matched-ablation", action="store_true",
                         help="also train the ablation for the GAN's number of steps (not its time)")
@@ -110,6 +114,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--minutes must be >= 0.5 (the trainer needs a few seconds to start)")
     if not 0 <= args.warmup_fraction < 1:
         parser.error("--warmup-fraction must be in [0, 1)")
+    if not 0 <= args.ema_decay < 1:
+        parser.error("--ema-decay must be in [0, 1)")
     if args.skip_ablation and args.warmup_fraction > 0 and args.warmup_steps is None:
         parser.error("--skip-ablation needs --warmup-steps or --warmup-fraction 0 (the fraction is measured "
                      "on the ablation)")
@@ -189,7 +195,8 @@ def train_for_budget(cfg, run_dir: Path, data_root: Path, seconds: float | None,
     if summary.status != expected:
         raise SystemExit(f"{run_dir}: training ended with status {summary.status!r}, expected {expected!r}")
     info = {"run_dir": str(run_dir), "seconds": round(elapsed, 1), "budget_seconds": seconds,
-            "budget_steps": steps, "warmup_steps": cfg.loss.warmup_steps, "global_step": summary.global_step,
+            "budget_steps": steps, "warmup_steps": cfg.loss.warmup_steps, "ema_decay": cfg.train.ema_decay,
+            "global_step": summary.global_step,
             "epochs_done": summary.epochs_done,
             "images_seen": summary.global_step * cfg.train.batch_size, "vgg": summary.vgg,
             "best_val_psnr": summary.best_psnr, "best_epoch": summary.best_epoch}
@@ -276,7 +283,8 @@ def main() -> None:
     try:
         data_root = prepare_data(args, console)
         prep_seconds = time.perf_counter() - t0
-        base = [f"loss.vgg_weights={vgg}", f"train.device={args.device}", *args.overrides]
+        base = [f"loss.vgg_weights={vgg}", f"train.device={args.device}", f"train.ema_decay={args.ema_decay}",
+                *args.overrides]
         runs = {} if args.skip_ablation else {"ablation": [*base, *ABLATION_SET]}  # first: it sets the warm-up
         runs["gan"] = base
         if args.matched_ablation:
@@ -321,7 +329,7 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         raise SystemExit(1) from err
 
-    evaluated = ", ".join(f"{name} {r.checkpoint.name} (epoch {r.epoch}, step {r.global_step})"
+    evaluated = ", ".join(f"{name} {r.checkpoint.name} (epoch {r.epoch}, step {r.global_step}, {r.weights})"
                           for name, r in reports.items())
     caption = Text(f"{gan_report.n_images} test faces at {gan_report.image_size} px from {args.source.name} "
                    f"(masks: {args.mask_types}); {args.minutes:g} min of training per model on {args.device} "
@@ -346,7 +354,8 @@ def main() -> None:
         "training": trained, "n_test_images": gan_report.n_images, "image_size": gan_report.image_size,
         "summary": rows, "targets": [{"target": t, "pass": ok} for t, ok, _ in targets],
         "reports": {name: str(r.out) for name, r in reports.items()},
-        "evaluated": {name: {"checkpoint": str(r.checkpoint), "epoch": r.epoch, "global_step": r.global_step}
+        "evaluated": {name: {"checkpoint": str(r.checkpoint), "epoch": r.epoch, "global_step": r.global_step,
+                             "weights": r.weights}
                       for name, r in reports.items()},
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
