@@ -17,8 +17,8 @@ Steps (everything under --work, default runs/quality/):
    ``loss.warmup_steps`` = ``--warmup-fraction`` (default 0.6) times the ablation's step count: it spends
    about that share of its budget on L1 + SSIM alone, the rest with the perceptual and adversarial terms
    and both discriminators. ``--warmup-fraction 0`` trains the paper's loss from the first step. Each run
-   starts fresh. ``--ema-decay D`` sets ``train.ema_decay`` for both runs (the moving average of G's
-   weights is what gets evaluated).
+   starts fresh. ``--ema-decay D --ema-start N`` set ``train.ema_decay`` and ``train.ema_start`` for both
+   runs (the moving average of G's weights from step N + 1 on is what gets evaluated).
 4. ``run_eval`` of both on the test split; FD uses the same VGG16 network for both (the ImageNet features
    in ../shared/weights when present, else random weights - printed loudly); the baselines (telea, ns,
    masked input) come from the GAN's evaluation (they do not depend on the model).
@@ -102,6 +102,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ema-decay", type=float, default=0.0,
                         help="train.ema_decay of both runs: evaluate the moving average of G's weights "
                              "(e.g. 0.999); 0 = off, the last weights (the paper)")
+    parser.add_argument("--ema-start", type=int, default=0,
+                        help="train.ema_start of both runs: steps before the average starts. These runs are "
+                             "short: start it late, e.g. where the GAN's warm-up ends (--warmup-steps)")
     parser.add_argument("--skip-ablation", action="store_true")
     parser.add_argument("--matched-ablation", action="store_true",
                         help="also train the ablation for the GAN's number of steps (not its time)")
@@ -116,6 +119,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--warmup-fraction must be in [0, 1)")
     if not 0 <= args.ema_decay < 1:
         parser.error("--ema-decay must be in [0, 1)")
+    if args.ema_start < 0:
+        parser.error("--ema-start must be >= 0")
     if args.skip_ablation and args.warmup_fraction > 0 and args.warmup_steps is None:
         parser.error("--skip-ablation needs --warmup-steps or --warmup-fraction 0 (the fraction is measured "
                      "on the ablation)")
@@ -196,6 +201,7 @@ def train_for_budget(cfg, run_dir: Path, data_root: Path, seconds: float | None,
         raise SystemExit(f"{run_dir}: training ended with status {summary.status!r}, expected {expected!r}")
     info = {"run_dir": str(run_dir), "seconds": round(elapsed, 1), "budget_seconds": seconds,
             "budget_steps": steps, "warmup_steps": cfg.loss.warmup_steps, "ema_decay": cfg.train.ema_decay,
+            "ema_start": cfg.train.ema_start,
             "global_step": summary.global_step,
             "epochs_done": summary.epochs_done,
             "images_seen": summary.global_step * cfg.train.batch_size, "vgg": summary.vgg,
@@ -284,7 +290,7 @@ def main() -> None:
         data_root = prepare_data(args, console)
         prep_seconds = time.perf_counter() - t0
         base = [f"loss.vgg_weights={vgg}", f"train.device={args.device}", f"train.ema_decay={args.ema_decay}",
-                *args.overrides]
+                f"train.ema_start={args.ema_start}", *args.overrides]
         runs = {} if args.skip_ablation else {"ablation": [*base, *ABLATION_SET]}  # first: it sets the warm-up
         runs["gan"] = base
         if args.matched_ablation:

@@ -81,6 +81,8 @@ def test_overrides(tmp_path):
         with pytest.raises(ConfigError, match=r"train.ema_decay must be in \[0, 1\)"):
             load_config(None, [f"train.ema_decay={bad}"])
     assert load_config(None, ["train.ema_decay=0.999"]).train.ema_decay == 0.999
+    with pytest.raises(ConfigError, match="train.ema_start must be >= 0"):
+        load_config(None, ["train.ema_start=-1"])
 
 
 def test_yaml_is_read_safely(tmp_path):

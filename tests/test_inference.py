@@ -250,6 +250,35 @@ def test_aligned_supplied_maps_keep_outside_byte_identical(tmp_path, ckpts, alig
     assert _hashes(inp) == before_in and _hashes(maps) == before_maps
 
 
+def test_infer_uses_the_ema_weights_of_a_checkpoint_that_has_them(tmp_path, ckpts, aligner, astronaut):
+    from rich.console import Console
+
+    from unmask_cli.checkpoints import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(ckpts["plain"])
+    averaged = {k: v * 0.8 if v.is_floating_point() else v for k, v in ckpt["networks"]["G"].items()}
+    with_ema = save_checkpoint(tmp_path / "ema.pt", {**ckpt, "ema": {"decay": 0.999, "updates": 7, "G": averaged}})
+    as_plain_g = save_checkpoint(tmp_path / "g.pt", {**ckpt, "networks": {**ckpt["networks"], "G": averaged}})
+    crop, lm = _aligned_crop(aligner, astronaut, 64)
+    masked, mask = _draw_masks(crop, [_mask_polygon(lm)])
+    inp, maps = tmp_path / "in", tmp_path / "maps"
+    inp.mkdir()
+    maps.mkdir()
+    _png(inp / "face.png", masked)
+    _png(maps / "face.png", mask)
+
+    outputs = {}
+    for name, path in (("ema", with_ema), ("g", as_plain_g), ("plain", ckpts["plain"])):
+        summary = run_infer(inp, tmp_path / name, path, masks_dir=maps, aligned=True, device="cpu")
+        outputs[name] = read_image(tmp_path / name / "face.png")
+        if name == "ema":
+            assert summary.weights == "EMA of G (decay 0.999, 7 updates)"
+            console = Console(record=True, width=160)
+            console.print(summary_table(summary))
+            assert "EMA of G (decay 0.999, 7 updates)" in console.export_text()
+    assert np.array_equal(outputs["ema"], outputs["g"]) and not np.array_equal(outputs["ema"], outputs["plain"])
+
+
 def test_aligned_predicted_maps(tmp_path, ckpts, aligner, astronaut):
     crop, _ = _aligned_crop(aligner, astronaut, 128)
     inp = tmp_path / "in"

@@ -448,18 +448,25 @@ def test_warmup_trains_reconstruction_only_then_every_term(tmp_path, data_root, 
     assert seen == [(1.0, 1.0, 1.0, True)] * 3
 
 
-def test_ema_averages_every_step_resumes_and_is_what_eval_loads(tmp_path, data_root, monkeypatch):
+def test_ema_averages_every_step_after_its_start_resumes_and_is_what_eval_loads(tmp_path, data_root,
+                                                                                monkeypatch):
     from unmask_cli import training
 
     after_step = []  # G's weights and BatchNorm statistics after every step
-    real_step = training.train_step
+    validated = []  # the generator weights each validation scored
+    real_step, real_validate = training.train_step, training.validate
 
     def step(batch, nets, *args):
         values = real_step(batch, nets, *args)
         after_step.append({k: v.detach().clone() for k, v in nets["G"].state_dict().items()})
         return values
 
+    def validate(nets, *args):
+        validated.append({k: v.clone() for k, v in nets["G"].state_dict().items()})
+        return real_validate(nets, *args)
+
     monkeypatch.setattr(training, "train_step", step)
+    monkeypatch.setattr(training, "validate", validate)
     decay = 0.8
 
     def expected_ema(start: dict | None, snapshots: list[dict]) -> dict:
@@ -474,40 +481,45 @@ def test_ema_averages_every_step_resumes_and_is_what_eval_loads(tmp_path, data_r
         for k in floats:
             torch.testing.assert_close(stored[k], wanted[k], rtol=1e-5, atol=1e-6, msg=k)
 
+    # 3 steps per epoch; the average starts after step 3: epoch 1 validates G, epoch 2 the average
     run = tmp_path / "run"
     out = io.StringIO()
-    overrides = ("loss.lambda_perc=0", f"train.ema_decay={decay}")
+    overrides = ("loss.lambda_perc=0", f"train.ema_decay={decay}", "train.ema_start=3")
     summary = train(cfg_with("train.epochs=2", *overrides), run, data_root, device_spec="cpu",
                     console=Console(file=out, force_terminal=False, width=200))
-    assert summary.global_step == 6 and "EMA of G: decay 0.8" in out.getvalue()
+    assert summary.global_step == 6 and "EMA of G: decay 0.8 from step 4" in out.getvalue()
     ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["ema"]["decay"] == decay and ckpt["ema"]["updates"] == 6
-    check(ckpt["ema"]["G"], expected_ema(None, after_step))
+    assert ckpt["ema"]["decay"] == decay and ckpt["ema"]["updates"] == 3
+    wanted = expected_ema(None, after_step[3:])
+    check(ckpt["ema"]["G"], wanted)
+    check(validated[0], after_step[2])
+    check(validated[1], wanted)
     raw = ckpt["networks"]["G"]
     assert any(not torch.allclose(ckpt["ema"]["G"][k], raw[k]) for k in raw if raw[k].is_floating_point())
+    assert build_networks_from_checkpoint(run / "epoch_002.pt").weights == "EMA of G (decay 0.8, 3 updates)"
 
     model = build_networks_from_checkpoint(run / "last.pt")  # eval and infer load the average...
-    assert model.weights == "EMA of G (decay 0.8, 6 updates)"
+    assert model.weights == "EMA of G (decay 0.8, 3 updates)"
     assert all(torch.equal(v, ckpt["ema"]["G"][k]) for k, v in model.G.state_dict().items())
     plain = build_networks_from_checkpoint(run / "last.pt", ema=False)  # ... or, asked, G's own weights
     assert plain.weights == "G (its EMA not used)"
     assert all(torch.equal(v, raw[k]) for k, v in plain.G.state_dict().items())
 
-    # validation scores the averaged weights (best.pt follows them)
-    saved_ema = {k: v.clone() for k, v in ckpt["ema"]["G"].items()}
-    seen_by_validation = []
-    real_validate = training.validate
-    monkeypatch.setattr(training, "validate", lambda nets, *a: seen_by_validation.append(
-        {k: v.clone() for k, v in nets["G"].state_dict().items()}) or real_validate(nets, *a))
-
     # resuming continues the same average (3 more steps)
+    saved_ema = {k: v.clone() for k, v in ckpt["ema"]["G"].items()}
     first_run = len(after_step)
     train(cfg_with("train.epochs=3", *overrides), run, data_root, device_spec="cpu", console=quiet())
     ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["ema"]["updates"] == 9
+    assert ckpt["ema"]["updates"] == 6
     wanted = expected_ema(saved_ema, after_step[first_run:])
     check(ckpt["ema"]["G"], wanted)
-    check(seen_by_validation[-1], wanted)
+    check(validated[-1], wanted)
+
+    # a checkpoint saved before the average started is scored with G
+    early = tmp_path / "early"
+    train(cfg_with("train.epochs=1", *overrides), early, data_root, device_spec="cpu", console=quiet())
+    assert load_checkpoint(early / "last.pt")["ema"]["updates"] == 0
+    assert build_networks_from_checkpoint(early / "last.pt").weights == "G (its EMA has not started)"
 
     # a run without EMA (the paper) stores none, and says so when it drops a checkpoint's average
     out = io.StringIO()

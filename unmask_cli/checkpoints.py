@@ -13,7 +13,8 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts only)::
     vgg                     description of the VGG16 weights of the perceptual loss
     networks                state dicts: G, D_whole, D_mask (and M)
     ema                     only with ``train.ema_decay`` > 0: {decay, updates, G}, the moving average of G's
-                            weights and BatchNorm buffers; eval and infer use it instead of networks.G
+                            weights and BatchNorm buffers; once updates > 0 eval and infer use it, not
+                            networks.G
     optimizers              state dicts: G, D (both discriminators), M
     scaler                  torch.amp.GradScaler state (empty when AMP is off)
     rng                     torch / cuda / numpy / python random states
@@ -267,12 +268,13 @@ def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.
     except ConfigError as err:
         raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
     stored = ckpt.get("ema")
-    if ema and isinstance(stored, dict) and "G" in stored:
+    started = isinstance(stored, dict) and "G" in stored and int(stored.get("updates", 0)) > 0
+    if ema and started:
         load_state(G, stored["G"], "G (EMA)", path)
         weights = f"EMA of G (decay {stored.get('decay', 0):g}, {int(stored.get('updates', 0))} updates)"
     else:
         load_state(G, nets["G"], "G", path)
-        weights = "G (its EMA not used)" if stored else "G"
+        weights = "G (its EMA not used)" if started else ("G (its EMA has not started)" if stored else "G")
     if M is not None:
         load_state(M, nets["M"], "M", path)
     device = torch.device(device)

@@ -93,6 +93,9 @@ class TrainConfig:
     # ema = decay * ema + (1 - decay) * G. Validation, best.pt, eval and infer then use the EMA weights.
     # 0 = off (the paper: the last weights of G).
     ema_decay: float = 0.0
+    # Steps before the average starts (it starts as a copy of G); until then G itself is validated and saved
+    # for eval. Short runs set it late: an average over the fast early steps is a poor network.
+    ema_start: int = 0
 
 
 @dataclass
@@ -190,6 +193,7 @@ def _validate(cfg: Config, where: str) -> None:
         (cfg.model.d_layers >= 1, "model.d_layers must be >= 1"),
         (cfg.loss.warmup_steps >= 0, "loss.warmup_steps must be >= 0"),
         (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1) (0 = off)"),
+        (cfg.train.ema_start >= 0, "train.ema_start must be >= 0"),
         (all(0 <= i <= 29 for i in cfg.loss.vgg_layers) and cfg.loss.vgg_layers == sorted(set(cfg.loss.vgg_layers))
          and len(cfg.loss.vgg_layers) > 0,
          "loss.vgg_layers must be increasing indices into vgg16().features (0-29)"),

@@ -13,9 +13,10 @@ sample. On the CPU an interrupted and resumed run therefore ends with bitwise th
 uninterrupted one. A SIGKILL loses the unfinished epoch: the rerun restarts from the last epoch end and
 redoes it identically (same order, same RNG states), so the final weights are still the same.
 
-EMA (``train.ema_decay`` > 0, off by default): after every step a moving average of G's weights and
-BatchNorm statistics is updated (``torch.optim.swa_utils.AveragedModel``); validation, the samples,
-best.pt, ``unmask eval`` and ``unmask infer`` use it. It is saved in every checkpoint and resumed exactly.
+EMA (``train.ema_decay`` > 0, off by default): after every step past ``train.ema_start`` a moving average
+of G's weights and BatchNorm statistics is updated (``torch.optim.swa_utils.AveragedModel``); once it has
+started, validation, the samples, best.pt, ``unmask eval`` and ``unmask infer`` use it. It is saved in
+every checkpoint and resumed exactly.
 """
 
 from __future__ import annotations
@@ -218,6 +219,11 @@ def make_ema(G: nn.Module, decay: float) -> AveragedModel | None:
     ema = AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     ema.requires_grad_(False)
     return ema
+
+
+def generator_to_score(G: nn.Module, ema: AveragedModel | None) -> nn.Module:
+    """The generator validation and samples use: the EMA once it has started, else G."""
+    return ema.module if ema is not None and int(ema.n_averaged) > 0 else G
 
 
 def restore_ema(ema: AveragedModel, ckpt: dict, path: Path) -> bool:
@@ -553,7 +559,6 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
         elif ema is None and ckpt.get("ema"):
             _say(console, "note: train.ema_decay is 0: the checkpoint's EMA weights are dropped; G continues",
                  "yellow")
-    eval_nets = nets if ema is None else {**nets, "G": ema.module}  # validation, samples, best.pt
     if start_samples >= samples_per_epoch:  # e.g. batch size or max_steps changed since the checkpoint
         start_samples = samples_per_epoch
 
@@ -589,8 +594,8 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
                   f"{steps_per_epoch} batches of {tc.batch_size} per epoch; epochs {start_epoch + 1}..{target}")
     _say(console, f"  perceptual loss: {vgg_description}")
     if ema is not None:
-        _say(console, f"  EMA of G: decay {tc.ema_decay:g}; validation, best.pt, eval and infer use the averaged "
-                      "weights")
+        _say(console, f"  EMA of G: decay {tc.ema_decay:g} from step {tc.ema_start + 1}; once it has started, "
+                      "validation, best.pt, eval and infer use the averaged weights")
     if global_step < warmup:
         _say(console, f"  warm-up: steps {global_step + 1}..{warmup} train on L1 + SSIM only; the perceptual "
                       f"and adversarial terms start at step {warmup + 1}")
@@ -606,16 +611,16 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     stop_signal: int | None = None
 
     def payload(epochs_done: int, samples_done: int, stats: dict) -> dict:
-        extra = {} if ema is None else {"ema": {"decay": tc.ema_decay, "updates": int(ema.n_averaged),
-                                                "G": ema.module.state_dict()}}
-        return {**extra,
+        averaged = {} if ema is None else {"ema": {"decay": tc.ema_decay, "updates": int(ema.n_averaged),
+                                                   "G": ema.module.state_dict()}}
+        return {
             "epoch": epochs_done, "samples_in_epoch": samples_done, "global_step": global_step,
             "best_psnr": best_psnr, "best_epoch": best_epoch, "epoch_stats": stats,
             "config": cfg.to_dict(), "vgg": vgg_description, "device": str(dev.device),
             "torch_version": str(torch.__version__), "saved_at": _now(),
             "networks": {name: net.state_dict() for name, net in nets.items()},
             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "scaler": scaler.state_dict(), "rng": capture_rng(),
+            "scaler": scaler.state_dict(), "rng": capture_rng(), **averaged,
         }
 
     try:
@@ -638,10 +643,10 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
                     batch = _check_batch(batch)
                     step_loss = warm_loss if global_step < warmup else gen_loss
                     values = train_step(batch, nets, optimizers, scaler, dev, step_loss, cfg.loss.lambda_map)
-                    if ema is not None:
-                        ema.update_parameters(nets["G"])
                     n = int(batch["masked"].shape[0])
                     global_step += 1
+                    if ema is not None and global_step > tc.ema_start:
+                        ema.update_parameters(nets["G"])
                     if global_step == warmup:
                         _say(console, f"  step {warmup}: warm-up done; perceptual and adversarial terms on")
                     done += n
@@ -672,9 +677,10 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
 
                 # epoch end: validation, samples, metrics, checkpoints
                 tick = time.perf_counter()
-                val = validate(eval_nets, val_loader, dev)
+                scored = generator_to_score(nets["G"], ema)
+                val = validate({**nets, "G": scored}, val_loader, dev)
                 stats["val_time"] += time.perf_counter() - tick
-                grid = sample_grid(eval_nets["G"], fixed, dev)
+                grid = sample_grid(scored, fixed, dev)
                 if grid is not None:
                     write_image(samples_dir / f"epoch_{epoch + 1:03d}.png", grid)
                 batches = max(stats["batches"], 1.0)
