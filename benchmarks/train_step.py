@@ -11,6 +11,9 @@ Presets (read from the config files, so they follow them):
   ablation  quick with lambda_perc = lambda_adv_whole = lambda_adv_mask = 0 (the L1+SSIM-only model of
             benchmarks/quality.py): no VGG pass and no discriminator updates
 
+Also timed, after the steps: one update of the EMA of G (``train.ema_decay``), the only per-step cost the
+EMA adds, and its share of a step.
+
 VGG weights: the ImageNet features file in ../shared/weights when present, else random VGG (the table
 says which; throughput does not depend on the weight values).
 
@@ -62,7 +65,7 @@ def run_one(preset: str, args) -> dict:
     from unmask_cli.device import setup_device
     from unmask_cli.losses import GeneratorLoss, PerceptualLoss
     from unmask_cli.models import build_networks, count_parameters
-    from unmask_cli.training import train_step
+    from unmask_cli.training import make_ema, train_step
     from unmask_cli.vgg import load_vgg_features
 
     if args.threads:
@@ -111,13 +114,22 @@ def run_one(preset: str, args) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     mean = sum(times) / len(times)
+    ema = make_ema(nets["G"], 0.999)
+    ema.update_parameters(nets["G"])  # the first update copies G; later ones average
+    ema_times = []
+    for _ in range(max(args.steps, 10)):
+        start = time.perf_counter()
+        ema.update_parameters(nets["G"])
+        sync()
+        ema_times.append(time.perf_counter() - start)
+    ema_s = sum(ema_times) / len(ema_times)
     result = {
         "preset": preset, "size": size, "batch": n, "ngf": cfg.model.ngf, "ndf": cfg.model.ndf,
         "nmf": cfg.model.nmf, "vgg_layers": cfg.loss.vgg_layers, "device": dev.describe(),
         "threads": torch.get_num_threads(), "vgg": description,
         "params_M": {k: round(count_parameters(v) / 1e6, 2) for k, v in nets.items()},
         "warmup": args.warmup, "steps": args.steps, "step_s": mean, "min_step_s": min(times),
-        "img_per_s": n / mean, "peak_rss_mb": _peak_mb(), "rss_delta_mb": _peak_mb() - rss_before,
+        "img_per_s": n / mean, "ema_update_s": ema_s, "peak_rss_mb": _peak_mb(), "rss_delta_mb": _peak_mb() - rss_before,
     }
     if dev.device.type == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -155,13 +167,14 @@ def main() -> None:
             print(json.dumps(r))
         return
     header = f"{'preset':<8} {'size':>4} {'batch':>5} {'ngf/ndf/nmf':>11} {'G+D+D+M params':>15} " \
-             f"{'s/step':>8} {'img/s':>7} {'peak RSS MB':>11} {'+MB in steps':>12}"
+             f"{'s/step':>8} {'img/s':>7} {'EMA update':>16} {'peak RSS MB':>11} {'+MB in steps':>12}"
     print(header)
     print("-" * len(header))
     for r in results:
         params = f"{sum(r['params_M'].values()):.1f} M"
         print(f"{r['preset']:<8} {r['size']:>4} {r['batch']:>5} {r['ngf']:>4}/{r['ndf']}/{r['nmf']:<3} {params:>15} "
-              f"{r['step_s']:>8.2f} {r['img_per_s']:>7.2f} {r['peak_rss_mb']:>11.0f} {r['rss_delta_mb']:>12.0f}"
+              f"{r['step_s']:>8.2f} {r['img_per_s']:>7.2f} "
+              f"{r['ema_update_s'] * 1e3:>7.2f} ms {r['ema_update_s'] / r['step_s']:>5.1%} {r['peak_rss_mb']:>11.0f} {r['rss_delta_mb']:>12.0f}"
               + (f"  cuda peak {r['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in r else ""))
     by_name = {r["preset"]: r for r in results}
     if "quick" in by_name and "ablation" in by_name:
