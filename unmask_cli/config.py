@@ -89,8 +89,8 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored elsewhere)
     num_sample_images: int = 8  # fixed validation faces in samples/epoch_NNN.png
     max_steps_per_epoch: int = 0  # 0 = the whole training split each epoch
-    # Exponential moving average of G's weights (and BatchNorm statistics), updated after every step:
-    # ema = decay * ema + (1 - decay) * G. Validation, best.pt, eval and infer then use the EMA weights.
+    # Exponential moving average of G's weights (and BatchNorm statistics), updated after every step past
+    # ema_start: ema = decay * ema + (1 - decay) * G. Validation, best.pt, eval and infer then use it.
     # 0 = off (the paper: the last weights of G).
     ema_decay: float = 0.0
     # Steps before the average starts (it starts as a copy of G); until then G itself is validated and saved

@@ -382,9 +382,9 @@ def run_eval(
                               f"{n_total - n_landmarked}")
     report = EvalReport(
         checkpoint=checkpoint, epoch=model.epoch, global_step=model.global_step, data=data_root,
-        split=split_name, n_images=n_total, image_size=size, weights=model.weights, vgg=vgg_description, vgg_random=vgg_random,
-        train_vgg=model.vgg, device=str(dev), identity_landmarks=identity_landmarks, methods=methods,
-        summary=summary, per_image=per_image, out=out_dir, note=note, skipped=skipped,
+        split=split_name, n_images=n_total, image_size=size, weights=model.weights, vgg=vgg_description,
+        vgg_random=vgg_random, train_vgg=model.vgg, device=str(dev), identity_landmarks=identity_landmarks,
+        methods=methods, summary=summary, per_image=per_image, out=out_dir, note=note, skipped=skipped,
     )
     report.files = _write_outputs(report, layers, spec, sheet)
     report.seconds = time.perf_counter() - start
@@ -401,8 +401,9 @@ def _write_outputs(report: EvalReport, layers: list[int], spec: str, sheet: list
     header = {
         "checkpoint": str(report.checkpoint.resolve()), "epoch": report.epoch, "global_step": report.global_step,
         "data": str(report.data.resolve()), "split": report.split, "n_images": report.n_images,
-        "image_size": report.image_size, "generator_weights": report.weights, "vgg": report.vgg, "vgg_weights": spec, "vgg_layers": layers,
-        "vgg_random": report.vgg_random, "train_vgg": report.train_vgg, "device": report.device,
+        "image_size": report.image_size, "generator_weights": report.weights, "vgg": report.vgg,
+        "vgg_weights": spec, "vgg_layers": layers, "vgg_random": report.vgg_random, "train_vgg": report.train_vgg,
+        "device": report.device,
         "identity_landmarks": report.identity_landmarks, "output": "composite (input outside the mask, "
         "generated inside), 8-bit", "note": report.note,
     }
