@@ -201,9 +201,7 @@ def train_for_budget(cfg, run_dir: Path, data_root: Path, seconds: float | None,
         raise SystemExit(f"{run_dir}: training ended with status {summary.status!r}, expected {expected!r}")
     info = {"run_dir": str(run_dir), "seconds": round(elapsed, 1), "budget_seconds": seconds,
             "budget_steps": steps, "warmup_steps": cfg.loss.warmup_steps, "ema_decay": cfg.train.ema_decay,
-            "ema_start": cfg.train.ema_start,
-            "global_step": summary.global_step,
-            "epochs_done": summary.epochs_done,
+            "ema_start": cfg.train.ema_start, "global_step": summary.global_step, "epochs_done": summary.epochs_done,
             "images_seen": summary.global_step * cfg.train.batch_size, "vgg": summary.vgg,
             "best_val_psnr": summary.best_psnr, "best_epoch": summary.best_epoch}
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")

@@ -233,6 +233,12 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------- eval / inference
 
+def stored_ema(ckpt: dict) -> dict | None:
+    """The checkpoint's ``ema`` entry ({decay, updates, G}) when it has one, else None."""
+    stored = ckpt.get("ema")
+    return stored if isinstance(stored, dict) and "G" in stored else None
+
+
 @dataclass
 class TrainedModel:
     """What ``unmask eval`` / ``unmask infer`` need from a checkpoint; networks are in eval mode."""
@@ -267,8 +273,8 @@ def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.
         M = MapModule(3, m.nmf, size, m.max_mult) if m.map_module and "M" in nets else None
     except ConfigError as err:
         raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
-    stored = ckpt.get("ema")
-    started = isinstance(stored, dict) and "G" in stored and int(stored.get("updates", 0)) > 0
+    stored = stored_ema(ckpt)
+    started = stored is not None and int(stored.get("updates", 0)) > 0
     if ema and started:
         load_state(G, stored["G"], "G (EMA)", path)
         weights = f"EMA of G (decay {stored.get('decay', 0):g}, {int(stored.get('updates', 0))} updates)"

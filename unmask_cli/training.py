@@ -60,6 +60,7 @@ from unmask_cli.checkpoints import (
     publish_copy,
     restore_rng,
     save_checkpoint,
+    stored_ema,
 )
 from unmask_cli.config import Config, save_config
 from unmask_cli.data import ReportingDataset
@@ -228,8 +229,8 @@ def generator_to_score(G: nn.Module, ema: AveragedModel | None) -> nn.Module:
 
 def restore_ema(ema: AveragedModel, ckpt: dict, path: Path) -> bool:
     """Load a checkpoint's EMA weights and update count into ``ema``; False when it has none."""
-    stored = ckpt.get("ema")
-    if not isinstance(stored, dict) or "G" not in stored:
+    stored = stored_ema(ckpt)
+    if stored is None:
         return False
     load_state(ema.module, stored["G"], "G (EMA)", path)
     ema.n_averaged.fill_(int(stored.get("updates", 0)))
@@ -556,7 +557,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     if ckpt is not None:
         if ema is not None and not restore_ema(ema, ckpt, ckpt_path):
             _say(console, "note: the checkpoint has no EMA of G; the average starts from its G weights", "yellow")
-        elif ema is None and ckpt.get("ema"):
+        elif ema is None and stored_ema(ckpt) is not None:
             _say(console, "note: train.ema_decay is 0: the checkpoint's EMA weights are dropped; G continues",
                  "yellow")
     if start_samples >= samples_per_epoch:  # e.g. batch size or max_steps changed since the checkpoint
