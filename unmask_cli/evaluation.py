@@ -403,8 +403,8 @@ def _write_outputs(report: EvalReport, layers: list[int], spec: str, sheet: list
         "data": str(report.data.resolve()), "split": report.split, "n_images": report.n_images,
         "image_size": report.image_size, "generator_weights": report.weights, "vgg": report.vgg,
         "vgg_weights": spec, "vgg_layers": layers, "vgg_random": report.vgg_random, "train_vgg": report.train_vgg,
-        "device": report.device, "identity_landmarks": report.identity_landmarks, "output": "composite (input outside the mask, "
-        "generated inside), 8-bit", "note": report.note,
+        "device": report.device, "identity_landmarks": report.identity_landmarks,
+        "output": "composite (input outside the mask, generated inside), 8-bit", "note": report.note,
     }
     doc = {
         **header, "methods": report.methods,
