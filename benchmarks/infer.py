@@ -1,6 +1,17 @@
-"""Generator throughput of `unmask infer` on aligned crops: plain eager fp32 vs the optimized path.
+"""Throughput of `unmask infer`: the generator on aligned crops, and whole photos end to end.
 
     .venv/bin/python benchmarks/infer.py [--size 256] [--ngf 64] [--images 16] [--batch 8] [--rounds 3]
+    .venv/bin/python benchmarks/infer.py --photos [--photo-size 128] [--photo-count 12] [--photo-side 640]
+
+``--photos``: `unmask infer` (``run_infer``) end to end on whole photos with one masked face each and
+predicted masks (detect, align, map module, generator, paste back, encode), the new path (YuNet + the
+visible alignment, a checkpoint of visible-aligned data) against today's (dlib HOG, the CNN where HOG
+finds none, a legacy ffhq checkpoint) on the same photos, in interleaved rounds. The photos are the
+built-in portraits (augmented, with synthetic masks; `python -m unmask_cli.samples`) scaled to a
+``--photo-side`` px long side; the networks are untrained ``--photo-size`` px ones with default widths,
+the map module's head biased to mark every pixel (so every face goes through the generator).
+
+Generator mode (default):
 
 Random-init generator (PyTorch's default init, whose activations are O(1) like a trained network's, so
 the output difference below is meaningful, plus random BatchNorm statistics, as after training). Variants, measured side by side in interleaved rounds on the same images:
@@ -27,6 +38,8 @@ import torch
 
 from unmask_cli.inference import Unmasker
 from unmask_cli.models import UNetGenerator, composite, generator_input
+
+PHOTO_PATHS = {"new: yunet + visible": ("yunet", "visible"), "today: hog+cnn + ffhq": ("hog+cnn", None)}
 
 
 def _generator(size: int, ngf: int, seed: int = 0) -> UNetGenerator:
@@ -77,6 +90,77 @@ def run_optimized(net: Unmasker, images, maps, batch: int) -> np.ndarray:
     return np.concatenate([net(images[i:i + batch], maps[i:i + batch])[0] for i in range(0, len(images), batch)])
 
 
+def _photo_checkpoint(path, size: int, alignment: str | None):
+    """An untrained checkpoint at ``size`` px (default widths) whose map module marks every pixel."""
+    from unmask_cli.checkpoints import save_checkpoint
+    from unmask_cli.config import Config
+    from unmask_cli.models import build_networks
+
+    cfg = Config()
+    cfg.data.image_size = size
+    cfg.loss.vgg_weights = "random"
+    torch.manual_seed(0)
+    nets = build_networks(cfg)
+    nets["M"].head.bias.data.fill_(10.0)
+    save_checkpoint(path, {"epoch": 1, "samples_in_epoch": 0, "global_step": 1, "config": cfg.to_dict(),
+                           "vgg": "random", "networks": {k: v.state_dict() for k, v in nets.items()},
+                           **({"alignment": alignment} if alignment else {})})
+    return path
+
+
+def _photos(folder, count: int, long_side: int):
+    import cv2
+
+    from unmask_cli.fileio import read_image, write_image
+    from unmask_cli.samples import write_masked_photos
+
+    paths = write_masked_photos(folder, count)
+    for path in paths:
+        image = read_image(path)
+        scale = long_side / max(image.shape[:2])
+        write_image(path, cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC))
+    (folder / "masks").rename(folder.parent / "true_masks")  # maps stay out: infer predicts them
+    return paths
+
+
+def photos_main(args) -> None:
+    """End-to-end photos/s of `unmask infer`, new path against today's, interleaved rounds."""
+    import tempfile
+    from pathlib import Path
+
+    from unmask_cli.inference import run_infer
+
+    work = Path(tempfile.mkdtemp(prefix="unmask-infer-bench-"))
+    _photos(work / "in", args.photo_count, args.photo_side)
+    ckpts = {name: _photo_checkpoint(work / f"{i}.pt", args.photo_size, alignment)
+             for i, (name, (_, alignment)) in enumerate(PHOTO_PATHS.items())}
+    print(f"{args.photo_count} photos, {args.photo_side} px long side, one masked face each; {args.photo_size} px "
+          f"generator (ngf 64), predicted masks; torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
+
+    def run(name: str):
+        return run_infer(work / "in", work / "out", ckpts[name], device="cpu", detector=PHOTO_PATHS[name][0],
+                         overwrite=True)
+
+    for name in PHOTO_PATHS:  # warm-up: models loaded once per process, as in a long infer run
+        run(name)
+    rates: dict[str, list[float]] = {name: [] for name in PHOTO_PATHS}
+    faces: dict[str, int] = {}
+    for round_ in range(args.rounds):
+        for name in (list(PHOTO_PATHS) if round_ % 2 == 0 else list(PHOTO_PATHS)[::-1]):
+            summary = run(name)
+            rates[name].append(summary.handled / summary.seconds)
+            faces[name] = summary.faces
+        print(f"round {round_ + 1}: " + ", ".join(f"{n} {rates[n][-1]:.2f}" for n in PHOTO_PATHS) + " photos/s",
+              flush=True)
+    new, old = (statistics.median(rates[n]) for n in PHOTO_PATHS)
+    print(f"\nunmask infer, whole photos, CPU, median of {args.rounds} interleaved rounds")
+    for name in PHOTO_PATHS:
+        print(f"  {name:<24} {statistics.median(rates[name]):6.2f} photos/s, faces unmasked "
+              f"{faces[name]}/{args.photo_count}")
+    print(f"  new / today: {new / old:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
@@ -85,9 +169,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--photos", action="store_true", help="time whole photos end to end instead")
+    parser.add_argument("--photo-size", type=int, default=128, help="generator size for --photos")
+    parser.add_argument("--photo-count", type=int, default=12)
+    parser.add_argument("--photo-side", type=int, default=640)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.photos:
+        photos_main(args)
+        return
 
     G = _generator(args.size, args.ngf)
     G_cl = copy.deepcopy(G).to(memory_format=torch.channels_last)

@@ -220,8 +220,8 @@ import torch, torchvision.models  # the slow imports, once
 import unmask_cli.cli as cli
 import unmask_cli.inference
 import unmask_cli.prepare
-unmask_cli.inference._aligner(None)  # dlib models, loaded once (both jobs keep them per process anyway)
-unmask_cli.prepare._init_worker(64, None, 1, 32, None, False)  # 64-px aligner; a run of another size reloads
+unmask_cli.inference._aligner(None, "yunet", "visible")  # face models, loaded once (both jobs keep them per process)
+unmask_cli.prepare._init_worker(64, None, 1, 32, "yunet", "visible", None, False)  # 64-px; another size reloads
 for name in ("prepare", "inference", "evaluation", "training", "identity", "vgg", "faces", "masks", "data",
              "checkpoints", "metrics", "baselines", "models", "losses", "config", "fileio"):
     __import__("unmask_cli." + name)

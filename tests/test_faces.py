@@ -91,3 +91,80 @@ def test_paste_back_inverts_alignment(aligner, astronaut):
     left, top, right, bottom = face.face.box
     assert left - 20 < xs.mean() < right + 20 and top < ys.mean() < bottom + 40
     assert (out[:90] == astronaut[:90]).all()  # far from the face: untouched
+
+
+# ------------------------------------------------------------------- detectors and the visible alignment
+
+def test_the_shipped_yunet_model_is_the_documented_file():
+    import hashlib
+
+    from unmask_cli.faces import PACKAGED_MODELS, YUNET_MODEL
+
+    path = model_path(YUNET_MODEL)
+    assert path == PACKAGED_MODELS / YUNET_MODEL
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest in (PACKAGED_MODELS / "LICENSE-YuNet.txt").read_text()  # the licence note names this file
+
+
+def test_yunet_finds_masked_faces_hog_misses_and_nothing_on_faceless_images(astronaut, grace_hopper):
+    from skimage import data
+
+    from unmask_cli.faces import make_detector
+    from unmask_cli.masks import apply_style
+
+    yunet, hog = make_detector("yunet"), make_detector("hog")
+    reference = FaceAligner(detector="hog", alignment="ffhq")
+    for photo in (astronaut, grace_hopper):
+        (face,) = reference.detect(photo)
+        for style in ("surgical", "cloth"):
+            masked = apply_style(style, photo, face.landmarks, np.random.default_rng(0)).masked
+            found = yunet(masked)
+            assert len(found) == 1 and found[0].eyes.shape == (2, 2)
+            left, top, right, bottom = face.box
+            (fl, ft, fr, fb) = found[0].box
+            assert abs((fl + fr) / 2 - (left + right) / 2) < 0.15 * (right - left)  # the same face
+            assert 0.8 < (fr - fl) / (right - left) < 1.25  # and a predictor box of the HOG's size
+        assert not hog(apply_style("cloth", photo, face.landmarks, np.random.default_rng(0)).masked)
+    for image in (data.coffee(), data.chelsea(), data.rocket()):
+        assert yunet(image) == []
+
+
+def _drift(reference: np.ndarray, quad: np.ndarray) -> float:
+    return float(np.hypot(*(quad - reference).T).max() / np.hypot(*(reference[3] - reference[0])))
+
+
+def test_visible_alignment_hardly_moves_under_a_mask(astronaut, grace_hopper):
+    """The same faces aligned with and without each mask style: the visible alignment's crop corners move
+    by a small share of the crop side, far less than the legacy (eyes + mouth) alignment's."""
+    from unmask_cli.masks import MASK_STYLES, apply_style
+
+    visible, legacy = FaceAligner(alignment="visible"), FaceAligner(alignment="ffhq")
+    drifts = {"visible": [], "ffhq": []}
+    for photo in (astronaut, grace_hopper):
+        clean = {name: aligner.detect(photo)[0] for name, aligner in (("visible", visible), ("ffhq", legacy))}
+        for style in MASK_STYLES:
+            masked = apply_style(style, photo, clean["ffhq"].landmarks, np.random.default_rng(1)).masked
+            for name, aligner in (("visible", visible), ("ffhq", legacy)):
+                (face,) = aligner.detect(masked)
+                drifts[name].append(_drift(aligner.quad(clean[name]), aligner.quad(face)))
+    assert np.median(drifts["visible"]) < 0.015 and max(drifts["visible"]) < 0.05, drifts["visible"]
+    assert np.mean(drifts["visible"]) < 0.4 * np.mean(drifts["ffhq"]), drifts
+
+
+def test_alignments_frame_the_face_alike_and_bad_names_are_one_line_errors(astronaut):
+    from unmask_cli.faces import check_alignment, ffhq_quad
+
+    visible, legacy = FaceAligner(128), FaceAligner(128, alignment="ffhq")
+    face = visible.detect(astronaut)[0]
+    assert np.allclose(legacy.quad(face), ffhq_quad(face.landmarks))
+    a, b = visible.quad(face), legacy.quad(face)
+    side = np.hypot(*(b[3] - b[0]))
+    assert _drift(b, a) < 0.1 and abs(np.hypot(*(a[3] - a[0])) / side - 1) < 0.1  # the same framing, nearly
+    crop = visible.align(astronaut, face).landmarks
+    left_eye, right_eye = crop[36:42].mean(0), crop[42:48].mean(0)
+    assert abs(left_eye[1] - right_eye[1]) < 1.0 and abs((left_eye[0] + right_eye[0]) / 2 - 64) < 2
+    for bad in ("eyes", ""):
+        with pytest.raises(UnmaskError, match=f"unknown alignment '{bad}' \\(choose visible, ffhq\\)"):
+            check_alignment(bad)
+    with pytest.raises(UnmaskError, match="unknown face detector 'blazeface'"):
+        FaceAligner(detector="blazeface")

@@ -282,8 +282,9 @@ def _face_crop(scorer, photo: np.ndarray, size: int = 128) -> np.ndarray:
 
     box, detected = scorer.face_box(photo)
     assert detected
-    cx, cy = (box.left() + box.right()) / 2, (box.top() + box.bottom()) / 2
-    half = max(box.width(), box.height()) * 0.9
+    left, top, right, bottom = box
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    half = max(right - left + 1, bottom - top + 1) * 0.9
     x0, y0 = int(max(0, cx - half)), int(max(0, cy - half))
     x1, y1 = int(min(photo.shape[1], cx + half)), int(min(photo.shape[0], cy + half))
     return cv2.resize(photo[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA)
@@ -313,7 +314,7 @@ def test_identity_fallback_box_gives_a_descriptor(scorer, astronaut_face):
     flat = np.full((128, 128, 3), 128, np.uint8)
     box, detected = scorer.face_box(flat)
     assert not detected
-    assert (box.left(), box.top(), box.right(), box.bottom()) == (26, 38, 101, 114)
+    assert box == (26, 38, 101, 114)
     assert np.isfinite(scorer.descriptor(flat)).all()
     assert scorer.identity_distance(flat, astronaut_face) > 0.6
 
@@ -347,13 +348,13 @@ def test_landmark_distance_zero_then_grows_with_shift(scorer, astronaut_face):
 
 
 def test_model_folder_override(monkeypatch, tmp_path):
-    from unmask_cli import identity
+    from unmask_cli.faces import FACE_RECOGNITION_MODEL, LANDMARKS_68, model_path
 
     monkeypatch.setenv("UNMASK_DLIB_MODELS", str(tmp_path))
     with pytest.raises(UnmaskError, match="UNMASK_DLIB_MODELS"):
-        identity._model_path(identity.LANDMARKS_68)
-    (tmp_path / identity.LANDMARKS_68).write_bytes(b"x")
-    assert identity._model_path(identity.LANDMARKS_68) == tmp_path / identity.LANDMARKS_68
+        model_path(LANDMARKS_68)
+    (tmp_path / LANDMARKS_68).write_bytes(b"x")
+    assert model_path(LANDMARKS_68) == tmp_path / LANDMARKS_68
     monkeypatch.delenv("UNMASK_DLIB_MODELS")
-    found = identity._model_path(identity.FACE_RECOGNITION_MODEL)
+    found = model_path(FACE_RECOGNITION_MODEL)
     assert found.is_file() and found.parent.name == "models"

@@ -126,6 +126,30 @@ def test_rerun_continues_without_duplicates(tmp_path, source_dir):
         run_prepare(PrepareOptions(out=out, source=other, num_samples=6, size=64))
 
 
+def test_alignment_is_recorded_and_a_resume_keeps_it(tmp_path, source_dir):
+    from unmask_cli.data import dataset_alignment
+
+    out = tmp_path / "out"
+    run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=2, size=64))
+    assert dataset_alignment(out) == "visible"
+    assert all(len(r["eyes"]) == 2 for r in read_manifest(out))  # the eye centres the crops were aligned on
+    with pytest.raises(UnmaskError, match="alignment: 'visible' -> 'ffhq'"):
+        run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=4, size=64, alignment="ffhq"))
+    # a folder prepared before alignments were recorded holds ffhq crops: a visible resume is refused
+    settings = json.loads((out / "prepare.json").read_text())
+    del settings["settings"]["alignment"]
+    (out / "prepare.json").write_text(json.dumps(settings))
+    assert dataset_alignment(out) == "ffhq"
+    with pytest.raises(UnmaskError, match="alignment: 'ffhq' -> 'visible'"):
+        run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=4, size=64))
+    legacy = run_prepare(PrepareOptions(out=tmp_path / "legacy", source=source_dir, num_samples=2, size=64,
+                                        alignment="ffhq", detector="hog"))
+    assert legacy.written == 2 and dataset_alignment(tmp_path / "legacy") == "ffhq"
+    assert "eyes" not in read_manifest(tmp_path / "legacy")[0]
+    with pytest.raises(UnmaskError, match="unknown alignment 'mouth'"):
+        run_prepare(PrepareOptions(out=tmp_path / "bad", source=source_dir, alignment="mouth"))
+
+
 def test_deterministic(tmp_path, source_dir):
     a = run_prepare(PrepareOptions(out=tmp_path / "a", source=source_dir, num_samples=4, size=64, workers=1))
     b = run_prepare(PrepareOptions(out=tmp_path / "b", source=source_dir, num_samples=4, size=64, workers=2))

@@ -77,8 +77,9 @@ def exif_upright(astronaut) -> np.ndarray:
 
 
 def _save_ckpt(path: Path, *, image_size: int = SIZE, ngf: int = 8, config: dict | None = None,
-               networks: dict | None = None) -> Path:
-    """A checkpoint in the training payload format, written by save_checkpoint (untrained networks)."""
+               networks: dict | None = None, alignment: str | None = "visible") -> Path:
+    """A checkpoint in the training payload format, written by save_checkpoint (untrained networks);
+    ``alignment`` None: one from before alignments were recorded (ffhq-aligned training data)."""
     from unmask_cli.checkpoints import save_checkpoint
     from unmask_cli.config import Config
     from unmask_cli.models import build_networks
@@ -93,7 +94,8 @@ def _save_ckpt(path: Path, *, image_size: int = SIZE, ngf: int = 8, config: dict
     for section, values in (config or {}).items():
         stored[section].update(values)
     save_checkpoint(path, {"epoch": 1, "samples_in_epoch": 0, "global_step": 1, "best_psnr": 0.0, "best_epoch": 0,
-                           "epoch_stats": {}, "config": stored, "vgg": "random", "networks": {**nets, **(networks or {})}})
+                           "epoch_stats": {}, "config": stored, "vgg": "random", "networks": {**nets, **(networks or {})},
+                           **({"alignment": alignment} if alignment else {})})
     return path
 
 
@@ -118,6 +120,10 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     out["size_mismatch"] = _save_ckpt(root / "size.pt", config={"data": {"image_size": 128}})
     # the map module's weights where the generator's belong
     out["other_model"] = _save_ckpt(root / "other.pt", networks={"G": MapModule(3, 8, SIZE).state_dict()})
+    # trained on ffhq-aligned faces before alignments were recorded; the test data is visible-aligned
+    out["legacy_alignment"] = _save_ckpt(root / "legacy.pt", alignment=None)
+    # a checkpoint from a newer unmask with an alignment this one does not know
+    out["future_alignment"] = _save_ckpt(root / "future.pt", alignment="landmarks-3d")
     return out
 
 
@@ -593,6 +599,7 @@ CKPT_MESSAGES = {
     "arch_mismatch": "checkpoint does not match the network 'G'",
     "size_mismatch": "checkpoint does not match the network 'G'",
     "other_model": "checkpoint does not match the network 'G'",
+    "future_alignment": "checkpoint was trained on faces aligned with 'landmarks-3d', which this unmask does not know",
 }
 
 
@@ -626,6 +633,8 @@ TRAIN_RESUME = {
                                         "(data.image_size=64 in the checkpoint, 128 now)"),
     "weights of another model": ("other_model", [], "checkpoint does not match the network 'G'"),
     "no training state": ("plain", [], "checkpoint has no optimizer state for 'G'"),
+    "ffhq-aligned checkpoint, visible-aligned data": (
+        "legacy_alignment", [], "checkpoint was trained on faces with the 'ffhq' alignment, but "),
 }
 
 

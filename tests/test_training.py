@@ -38,8 +38,10 @@ BASE = [
 ]
 
 
-def make_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 64, seed: int = 0) -> Path:
-    """A prepared folder in the documented layout: smooth backgrounds with a disc, a rectangular 'mask'."""
+def make_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 64, seed: int = 0,
+                 alignment: str | None = "visible") -> Path:
+    """A prepared folder in the documented layout: smooth backgrounds with a disc, a rectangular 'mask'.
+    ``alignment`` goes into prepare.json (None: no prepare.json, as in a folder made by hand)."""
     rng = np.random.default_rng(seed)
     for sub in ("original_celeba_aligned", "masked_images", "mask_maps"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,8 @@ def make_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 64, s
         write_image(root / "mask_maps" / f"{stem}.png", (mask * 255).astype(np.uint8))
         lines.append(json.dumps({"stem": stem, "split": "train" if i < n_train else "val"}) + "\n")
     (root / "manifest.jsonl").write_text("".join(lines))
+    if alignment is not None:
+        (root / "prepare.json").write_text(json.dumps({"settings": {"alignment": alignment}}))
     return root
 
 
@@ -231,13 +235,14 @@ def test_train_writes_run_folder(tmp_path, data_root):
 
     meta = json.loads((run / "meta.json").read_text())
     assert meta["vgg"] == summary.vgg and meta["device"] == "cpu" and meta["torch"] == torch.__version__
-    assert meta["data_root"] == str(data_root.resolve()) and meta["started_at"]
+    assert meta["data_root"] == str(data_root.resolve()) and meta["started_at"] and meta["alignment"] == "visible"
 
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["format"] == "unmask-checkpoint" and ckpt["version"] == 1
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 6 and ckpt["samples_in_epoch"] == 0
     assert set(ckpt["networks"]) == {"G", "D_whole", "D_mask", "M"} and set(ckpt["optimizers"]) == {"G", "D", "M"}
     assert {"torch", "numpy", "python", "cuda"} <= set(ckpt["rng"]) and ckpt["vgg"] == summary.vgg
+    assert ckpt["alignment"] == "visible" and build_networks_from_checkpoint(run / "last.pt").alignment == "visible"
     assert os.path.samefile(run / "last.pt", run / "epoch_002.pt")
 
     text = out.getvalue()  # a non-terminal console: plain lines, no progress-bar redraws
@@ -250,6 +255,16 @@ def test_train_writes_run_folder(tmp_path, data_root):
 
     with pytest.raises(UnmaskError, match="already has checkpoints.*another --name"):
         train(cfg_with("train.epochs=3"), run, data_root, resume=None, device_spec="cpu", console=quiet())
+
+
+def test_a_folder_without_settings_is_taken_as_legacy_ffhq_crops(tmp_path):
+    root = make_dataset(tmp_path / "data", n_train=2, n_val=0, alignment=None)
+    train(cfg_with("train.epochs=1"), tmp_path / "run", root, device_spec="cpu", console=quiet())
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["alignment"] == "ffhq"
+    assert build_networks_from_checkpoint(tmp_path / "run" / "last.pt").alignment == "ffhq"
+    (root / "prepare.json").write_text('{"settings": {"alignment": "visible"}}')  # now visible-aligned data
+    with pytest.raises(UnmaskError, match="trained on faces with the 'ffhq' alignment, but .* holds 'visible'"):
+        train(cfg_with("train.epochs=2"), tmp_path / "run", root, device_spec="cpu", console=quiet())
 
 
 def test_checkpoint_round_trip_and_model_rebuild(tmp_path, data_root):

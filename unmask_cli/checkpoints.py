@@ -11,6 +11,9 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts only)::
     epoch_stats             running loss sums of the unfinished epoch (empty at an epoch end)
     config                  Config.to_dict() of the run
     vgg                     description of the VGG16 weights of the perceptual loss
+    alignment               how the training faces were aligned (unmask_cli.faces.ALIGNMENTS); infer aligns
+                            photos the same way. Missing in checkpoints from before it was recorded: those
+                            were trained on the legacy ``ffhq`` alignment
     networks                state dicts: G, D_whole, D_mask (and M)
     ema                     only with ``train.ema_decay`` > 0: {decay, updates, G}, the moving average of G's
                             weights and BatchNorm buffers; once updates > 0 eval and infer use it, not
@@ -239,6 +242,17 @@ def stored_ema(ckpt: dict) -> dict | None:
     return stored if isinstance(stored, dict) and "G" in stored else None
 
 
+def stored_alignment(ckpt: dict, path: str | os.PathLike) -> str:
+    """The alignment a checkpoint's training data used; the legacy one when it records none."""
+    from unmask_cli.faces import ALIGNMENTS, LEGACY_ALIGNMENT
+
+    alignment = ckpt.get("alignment", LEGACY_ALIGNMENT)
+    if alignment not in ALIGNMENTS:
+        raise UnmaskError(f"checkpoint was trained on faces aligned with '{alignment}', which this unmask does "
+                          f"not know ({', '.join(ALIGNMENTS)}); upgrade unmask", path)
+    return alignment
+
+
 @dataclass
 class TrainedModel:
     """What ``unmask eval`` / ``unmask infer`` need from a checkpoint; networks are in eval mode."""
@@ -252,6 +266,7 @@ class TrainedModel:
     vgg: str
     path: Path
     weights: str = "G"  # which generator weights: "G", or "EMA of G (decay ..., N updates)"
+    alignment: str = "ffhq"  # how its training faces were aligned (infer aligns photos the same way)
 
 
 def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -286,6 +301,6 @@ def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.
     device = torch.device(device)
     G = G.to(device).eval()
     M = M.to(device).eval() if M is not None else None
-    return TrainedModel(G=G, M=M, config=cfg, image_size=size, epoch=int(ckpt["epoch"]),
+    return TrainedModel(G=G, M=M, config=cfg, image_size=size, epoch=int(ckpt["epoch"]), alignment=stored_alignment(ckpt, path),
                         global_step=int(ckpt["global_step"]), vgg=str(ckpt.get("vgg", "unknown")), path=path,
                         weights=weights)

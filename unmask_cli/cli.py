@@ -54,6 +54,8 @@ def prepare(
     all_faces: Annotated[bool, typer.Option("--all-faces", help="Use every detected face, not just the largest.")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", help="Also read photos in sub-folders of --source.")] = False,
     landmarks: Annotated[Path | None, typer.Option(help="dlib 68-landmark model file (default: from face-recognition-models, or $UNMASK_LANDMARKS).")] = None,
+    detector: Annotated[str | None, typer.Option(help="Face detector: yunet (OpenCV's YuNet, shipped), hog, cnn (dlib) or hog+cnn. Default: prepare.detector (yunet).")] = None,
+    alignment: Annotated[str | None, typer.Option(help="visible (from the eyes: a masked face gets the same crop as its unmasked photo) or ffhq (eyes and mouth, the alignment before 'visible'). Recorded in the dataset and in checkpoints trained on it. Default: prepare.alignment (visible).")] = None,
     preview: Annotated[int | None, typer.Option(help="Write a contact sheet of N random samples to --out (a .png) instead of a dataset.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -77,6 +79,7 @@ def prepare(
         all_faces=all_faces or pc.all_faces, min_face=pc.min_face, upsample=pc.upsample,
         val_fraction=pc.val_fraction, test_fraction=pc.test_fraction,
         landmarks_path=str(landmarks) if landmarks else None, recursive=recursive,
+        detector=detector or pc.detector, alignment=alignment or pc.alignment,
     )
     if preview is not None:
         if out.suffix.lower() != ".png":
@@ -167,7 +170,7 @@ def infer(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
     all_faces: Annotated[bool, typer.Option("--all-faces/--largest-face", help="Unmask every face or only the largest.")] = True,
     landmarks: Annotated[Path | None, typer.Option(help="dlib 68-landmark model file.")] = None,
-    detector: Annotated[str, typer.Option(help="Face detector: auto (dlib HOG, then, without --masks, dlib's CNN on photos where HOG finds no face; the CNN finds most masked faces HOG misses, about 14 s a photo on 2 CPU cores), hog or cnn.")] = "auto",
+    detector: Annotated[str, typer.Option(help="Face detector: yunet (OpenCV's YuNet, shipped with unmask: finds masked faces in milliseconds), hog (dlib; misses most masked faces), cnn (dlib; finds most, but takes seconds a photo on a CPU) or hog+cnn (the CNN only where HOG finds none, and not with --masks). Faces are aligned the way the checkpoint's training data was.")] = "yunet",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist (default: skip them, so reruns resume).")] = False,
     fold_bn: Annotated[bool, typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convolutions (same outputs within 1e-4, faster).")] = True,
 ) -> None:

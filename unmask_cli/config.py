@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from unmask_cli.errors import ConfigError
+from unmask_cli.faces import ALIGNMENTS, DETECTORS
 
 
 @dataclass
@@ -38,7 +39,12 @@ class PrepareConfig:
     mask_types: str = "rect,oval"  # comma list, optional weights: "surgical:3,cloth:2"
     all_faces: bool = False  # every detected face instead of the largest
     min_face: int = 32  # smallest usable face box (px, in the source photo)
-    upsample: int = 1  # dlib detector upsampling
+    upsample: int = 1  # dlib detector upsampling (hog, cnn)
+    detector: str = "yunet"  # yunet | hog | cnn | hog+cnn (unmask_cli.faces.DETECTORS)
+    # visible: from the eye centres of the upper face, so a masked face gets the crop its unmasked photo
+    # gets; ffhq: eyes and mouth corners (datasets made before 'visible'). Checkpoints record it; infer
+    # aligns photos the same way.
+    alignment: str = "visible"
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     seed: int = 0
@@ -181,6 +187,8 @@ def _validate(cfg: Config, where: str) -> None:
          "data.image_size must be a power of two >= 32"),
         (cfg.prepare.size >= 32, "prepare.size must be >= 32"),
         (cfg.prepare.num_samples >= 1, "prepare.num_samples must be >= 1"),
+        (cfg.prepare.detector in DETECTORS, f"prepare.detector must be one of {', '.join(DETECTORS)}"),
+        (cfg.prepare.alignment in ALIGNMENTS, f"prepare.alignment must be one of {', '.join(ALIGNMENTS)}"),
         (0 <= cfg.prepare.val_fraction < 1 and 0 <= cfg.prepare.test_fraction < 1
          and cfg.prepare.val_fraction + cfg.prepare.test_fraction < 1,
          "prepare.val_fraction + prepare.test_fraction must be in [0, 1)"),

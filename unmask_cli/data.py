@@ -7,6 +7,7 @@ Layout (``unmask prepare --out ROOT``)::
     ROOT/mask_maps/STEM.png                 binary map (0/255, 255 = masked)
     ROOT/manifest.jsonl                     one JSON line per complete sample
     ROOT/skipped.csv                        source,reason,detail
+    ROOT/prepare.json                       the settings it was prepared with (alignment among them)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MASK_DIR = "mask_maps"
 SUBDIRS = (ORIGINAL_DIR, MASKED_DIR, MASK_DIR)
 MANIFEST = "manifest.jsonl"
 SKIPPED = "skipped.csv"
+SETTINGS_FILE = "prepare.json"
 SPLITS = ("train", "val", "test")
 _UNSAFE_STEM = re.compile(r"[/\\\x00]")
 
@@ -41,6 +43,22 @@ def split_of(source_key: str, val_fraction: float, test_fraction: float, seed: i
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def dataset_alignment(root: str | os.PathLike) -> str:
+    """The face alignment a prepared folder was made with (``prepare.json``); folders from before the
+    alignment was recorded, or without settings, used the legacy one."""
+    from unmask_cli.faces import LEGACY_ALIGNMENT, check_alignment
+
+    path = Path(root) / SETTINGS_FILE
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {}) if path.exists() else {}
+    except (ValueError, OSError, AttributeError) as err:
+        raise UnmaskError(f"cannot read the dataset settings ({err})", path) from err
+    try:
+        return check_alignment(settings.get("alignment", LEGACY_ALIGNMENT))
+    except UnmaskError as err:
+        raise UnmaskError(str(err), path) from err
 
 
 def check_stem(stem: str, where: str | os.PathLike) -> str:

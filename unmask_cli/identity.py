@@ -6,55 +6,26 @@
 * Landmarks: dlib's 68-point shape predictor; the mean point error is normalised by the inter-ocular
   distance (outer eye corners, points 36 and 45) of the reference.
 
-Both models come from the ``face-recognition-models`` package, found without importing it (its
-``__init__`` needs ``pkg_resources``), or from the folder in ``$UNMASK_DLIB_MODELS``.
+Both models are found by :func:`unmask_cli.faces.model_path` (the ``face-recognition-models`` package, or
+the folder in ``$UNMASK_DLIB_MODELS``).
 
-Face box: dlib's HOG frontal detector (largest face). When it finds nothing - an output that still shows
-part of a mask, a blurry reconstruction, a 64 px crop - a fixed box over the central region of the crop
-is used instead (:data:`FALLBACK_BOX`, fractions of width/height, which is where the detector puts the face
-on this project's FFHQ-aligned crops at 64-256 px), so every output still gets a descriptor and
-landmarks. :meth:`IdentityScorer.face_box` says which one was used.
+Face box: dlib's HOG frontal detector (largest face; the outputs are unmasked faces, where HOG works).
+When it finds nothing - an output that still shows part of a mask, a blurry reconstruction, a 64 px crop -
+a fixed box over the central region of the crop is used instead (:data:`FALLBACK_BOX`, fractions of
+width/height, which is where the detector puts the face on this project's aligned crops at 64-256 px), so
+every output still gets a descriptor and landmarks. :meth:`IdentityScorer.face_box` says which one was used.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import numpy as np
 
 from unmask_cli.errors import UnmaskError
+from unmask_cli.faces import FACE_RECOGNITION_MODEL, HogDetector, Landmarks68, model_path
 
-LANDMARKS_68 = "shape_predictor_68_face_landmarks.dat"
-FACE_RECOGNITION_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
-ENV_MODELS_DIR = "UNMASK_DLIB_MODELS"
 SAME_PERSON_THRESHOLD = 0.6  # dlib: descriptor distance < 0.6 -> same person
 FALLBACK_BOX = (0.2, 0.3, 0.8, 0.9)  # left, top, right, bottom as fractions of the crop
 LEFT_EYE_OUTER, RIGHT_EYE_OUTER = 36, 45
-
-
-def _model_path(name: str) -> Path:
-    """``$UNMASK_DLIB_MODELS/NAME`` when the variable is set, else the file shipped in the
-    ``face-recognition-models`` package (located with ``find_spec``, never imported)."""
-    candidates: list[Path] = []
-    if os.environ.get(ENV_MODELS_DIR):
-        candidates.append(Path(os.environ[ENV_MODELS_DIR]) / name)
-        origin = f"${ENV_MODELS_DIR}"
-    else:
-        origin = "face-recognition-models"
-        spec = importlib.util.find_spec("face_recognition_models")
-        if spec is not None and spec.submodule_search_locations:
-            candidates.extend(Path(loc) / "models" / name for loc in spec.submodule_search_locations)
-    for path in candidates:
-        if path.is_file():
-            return path
-    if candidates:
-        raise UnmaskError(f"dlib model not found ({origin}); install 'face-recognition-models'", candidates[0])
-    raise UnmaskError(
-        f"dlib model {name} not found: pip install face-recognition-models, or set ${ENV_MODELS_DIR} "
-        "to a folder holding it"
-    )
 
 
 def _as_rgb_uint8(img: np.ndarray) -> np.ndarray:
@@ -76,47 +47,35 @@ class IdentityScorer:
         import dlib
 
         self._dlib = dlib
-        self.upsample = upsample
         self.fallback_box = fallback_box
-        self.detector = dlib.get_frontal_face_detector()
-        paths = {name: _model_path(name) for name in (LANDMARKS_68, FACE_RECOGNITION_MODEL)}
+        self.detector = HogDetector(upsample, grey=False)  # HOG on all three channels, as always here
+        self.landmarks_model = Landmarks68()
+        path = model_path(FACE_RECOGNITION_MODEL)
         try:
-            self.predictor = dlib.shape_predictor(str(paths[LANDMARKS_68]))
+            self.recognizer = dlib.face_recognition_model_v1(str(path))
         except RuntimeError as err:
-            raise UnmaskError(f"not a dlib shape predictor ({str(err).strip()[:200]})", paths[LANDMARKS_68]) from err
-        try:
-            self.recognizer = dlib.face_recognition_model_v1(str(paths[FACE_RECOGNITION_MODEL]))
-        except RuntimeError as err:
-            raise UnmaskError(
-                f"not a dlib face recognition model ({str(err).strip()[:200]})", paths[FACE_RECOGNITION_MODEL]
-            ) from err
+            raise UnmaskError(f"not a dlib face recognition model ({str(err).strip()[:200]})", path) from err
 
     # ----------------------------------------------------------------------------------- building blocks
 
-    def face_box(self, img: np.ndarray):
-        """``(dlib.rectangle, detected)``: the largest detected face, or the central fallback box
-        (``detected=False``) when the detector finds none."""
+    def face_box(self, img: np.ndarray) -> tuple[tuple[int, int, int, int], bool]:
+        """``((left, top, right, bottom), detected)``: the largest detected face, or the central fallback
+        box (``detected=False``) when the detector finds none."""
         rgb = _as_rgb_uint8(img)
-        rects = list(self.detector(rgb, self.upsample))
-        if rects:
-            return max(rects, key=lambda r: r.width() * r.height()), True
+        found = self.detector(rgb)
+        if found:
+            return max(found, key=lambda d: (d.box[2] - d.box[0]) * (d.box[3] - d.box[1])).box, True
         h, w = rgb.shape[:2]
         left, top, right, bottom = self.fallback_box
-        rect = self._dlib.rectangle(
-            int(round(left * w)), int(round(top * h)), int(round(right * w)) - 1, int(round(bottom * h)) - 1
-        )
-        return rect, False
+        box = (int(round(left * w)), int(round(top * h)), int(round(right * w)) - 1, int(round(bottom * h)) - 1)
+        return box, False
 
-    def _shape(self, rgb: np.ndarray, box):
-        return self.predictor(rgb, box)
-
-    def landmarks(self, img: np.ndarray, box=None) -> np.ndarray:
+    def landmarks(self, img: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """(68, 2) float landmarks of the face in ``box`` (default: :meth:`face_box`)."""
         rgb = _as_rgb_uint8(img)
         if box is None:
             box, _ = self.face_box(rgb)
-        shape = self._shape(rgb, box)
-        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+        return self.landmarks_model(rgb, box)
 
     def descriptor(self, img: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
         """128-d dlib face descriptor (float64) of the face in ``img``.
@@ -129,7 +88,7 @@ class IdentityScorer:
         rgb = _as_rgb_uint8(img)
         if landmarks is None:
             box, _ = self.face_box(rgb)
-            shape = self._shape(rgb, box)
+            shape = self.landmarks_model.predictor(rgb, dlib.rectangle(*box))
         else:
             pts = np.asarray(landmarks, dtype=np.float64)
             if pts.shape != (68, 2):

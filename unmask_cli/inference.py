@@ -2,10 +2,12 @@
 
 Pipeline per input file:
 
-* whole photos (default): find every face (dlib HOG + 68 landmarks; with ``--masks``, masks no detected
-  face explains are taken as masked faces the detector missed, see :func:`find_faces`), align each one
-  with the FFHQ similarity transform at the face's own resolution (crop side = the FFHQ square measured
-  in photo pixels, clamped to [model size, 1024]), shrink the crop to the model size, get the map (the
+* whole photos (default): find every face (YuNet by default, then 68 landmarks; with ``--masks``, masks no
+  detected face explains are taken as masked faces the detector missed, see
+  :meth:`unmask_cli.faces.FaceAligner.find_faces`), align each one the way the checkpoint's training data
+  was aligned (``visible``: from the eyes of the upper face; ``ffhq``: eyes and mouth) at the face's own
+  resolution (crop side = the alignment square measured in photo pixels, clamped to [model size, 1024]),
+  shrink the crop to the model size, get the map (the
   ``--masks`` map warped into the crop with nearest neighbour, or the map module's prediction), run the
   editing module, take the generated pixels only inside the map (scaled back to the crop resolution) and
   paste the crop back with ``faces.paste_back`` (feathered blend limited to the dilated map). Pixels the
@@ -68,7 +70,7 @@ COMPARE_SUBDIR = "compare"
 SKIPPED_CSV = "skipped.csv"
 MAX_CROP = 1024  # largest native-resolution face crop (px)
 JPEG_QUALITY = 95
-NO_FACE_REASONS = ("no face", "face too small", "too small")  # find_faces reasons -> copied through
+NO_FACE_REASONS = ("no face", "face too small", "too small")  # FaceAligner.find_faces reasons -> copied through
 _NATIVE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # fileio.encode_image formats
 
 
@@ -80,7 +82,8 @@ class InferSummary:
     device: str = ""
     mode: str = "photos"  # "photos" (detect + align + paste back) | "aligned" (inputs are face crops)
     mask_source: str = "predicted"  # "predicted" (map module) | "supplied" (--masks)
-    detector: str = "auto"  # face detector of "photos" mode: auto (HOG, then CNN) | hog | cnn
+    detector: str = "yunet"  # face detector of "photos" mode (unmask_cli.faces.DETECTORS)
+    alignment: str = "visible"  # how faces are aligned: the alignment of the checkpoint's training data
     image_size: int = 0
     weights: str = "G"  # the generator weights used: G, or its EMA (train.ema_decay > 0)
     files: int = 0  # visible files in IN_DIR
@@ -318,20 +321,17 @@ class _MaskIndex:
 
 # ------------------------------------------------------------------------------------------------- job
 
-def _crop_size(landmarks: np.ndarray, image_size: int) -> int:
-    from unmask_cli.faces import ffhq_quad
-
-    quad = ffhq_quad(landmarks)
+def _crop_size(quad: np.ndarray, image_size: int) -> int:
     side = float(np.hypot(*(quad[3] - quad[0])))
     return int(np.clip(round(side), image_size, max(MAX_CROP, image_size)))
 
 
-def _align(rgb: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _align(rgb: np.ndarray, quad: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     import cv2
 
-    from unmask_cli.faces import alignment_matrix
+    from unmask_cli.faces import quad_matrix
 
-    matrix = alignment_matrix(landmarks, size)
+    matrix = quad_matrix(quad, size)
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
     crop = cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR if scale >= 1 else cv2.INTER_AREA,
                           borderMode=cv2.BORDER_REFLECT_101)
@@ -339,120 +339,11 @@ def _align(rgb: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[np.ndarra
 
 
 @functools.lru_cache(maxsize=2)
-def _aligner(landmarks_path: str | None, detector: str = "auto"):
-    """dlib detector(s) + 68-landmark predictor, loaded once per process (loading takes ~2-3 s)."""
+def _aligner(landmarks_path: str | None, detector: str, alignment: str):
+    """Face detector + 68-landmark predictor for one alignment, loaded once per process (~2-3 s)."""
     from unmask_cli.faces import FaceAligner
 
-    return FaceAligner(size=256, landmarks_path=landmarks_path, detector=detector)
-
-
-def _mask_blobs(photo_map: np.ndarray, min_side: int) -> list[tuple[int, int, int, int]]:
-    """Bounding boxes (x, y, w, h) of the masks in a whole-photo map, one per mask: fragments closer than
-    ~1% of the photo diagonal are merged; blobs narrower than ``min_side`` are ignored."""
-    import cv2
-
-    binary = photo_map.astype(np.uint8)
-    radius = max(1, int(round(0.005 * float(np.hypot(*photo_map.shape)))))
-    merged = cv2.dilate(binary, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
-    count, labels = cv2.connectedComponents(merged)
-    blobs = []
-    for label in range(1, count):
-        ys, xs = np.nonzero((labels == label) & photo_map)
-        if xs.size == 0:
-            continue
-        x, y, w, h = int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
-        if w >= min_side:
-            blobs.append((x, y, w, h))
-    return blobs
-
-
-def _face_box_for_mask(detector, gray: np.ndarray, blob: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """The face box (dlib convention) of a masked face whose mask is ``blob``.
-
-    dlib's HOG detector rarely fires on a masked face at its normal threshold. Around each mask we search a
-    small region, rescaled so the expected face is ~120 px, with a lowered threshold, and keep the best
-    box consistent with the mask (centred on it, similar width, bottom near the mask's lower edge). When
-    none is found, the box is estimated from the mask alone (a face box is ~1.1x the mask width, square,
-    ending ~0.13 mask widths above the mask's lower edge).
-    """
-    x, y, w, h = blob
-    side = 1.1 * w
-    cx, bottom = x + w / 2.0, y + h - 0.13 * w
-    height, width = gray.shape
-    x0, y0 = int(max(0, cx - 1.5 * side)), int(max(0, bottom - 2 * side))
-    x1, y1 = int(min(width, cx + 1.5 * side)), int(min(height, bottom + side))
-    scale = 120.0 / side
-    best = None
-    if x1 - x0 >= 8 and y1 - y0 >= 8:
-        import cv2
-
-        roi = cv2.resize(gray[y0:y1, x0:x1], None, fx=scale, fy=scale,
-                         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        rects, scores, _ = detector.run(roi, 0, -1.5)
-        for rect, score in zip(rects, scores, strict=True):
-            box = (x0 + rect.left() / scale, y0 + rect.top() / scale, x0 + rect.right() / scale,
-                   y0 + rect.bottom() / scale)
-            box_w = box[2] - box[0]
-            consistent = (abs((box[0] + box[2]) / 2 - cx) < 0.25 * w and 0.7 < box_w / side < 1.4
-                          and abs(box[3] - bottom) < 0.3 * w)
-            if consistent and (best is None or score > best[0]):
-                best = (score, box)
-    if best is not None:
-        return tuple(int(round(v)) for v in best[1])  # type: ignore[return-value]
-    return (int(round(cx - side / 2)), int(round(bottom - side)), int(round(cx + side / 2)), int(round(bottom)))
-
-
-def find_faces(aligner, image: np.ndarray, path: str | os.PathLike | None = None,
-               photo_map: np.ndarray | None = None, all_faces: bool = True):
-    """Faces of a photo (largest first) and how many of them were located from the mask map.
-
-    The aligner's detector first (``auto`` without a map: HOG, then the CNN; with a map: HOG alone, since the
-    map does the CNN's job faster). With a whole-photo mask map, every mask that no detected face explains
-    (its centre inside a face box, widened by 25%) is taken as a masked face the detector missed: its box
-    is searched around the mask (see :func:`_face_box_for_mask`) and its 68 landmarks predicted there.
-    Raises :class:`BadInput` (reason ``no face`` / ``face too small`` / ``too small``) when nothing is usable.
-    """
-    import cv2
-    import dlib
-
-    from unmask_cli.faces import Face
-
-    height, width = image.shape[:2]
-    min_face = aligner.min_face
-    if min(height, width) < min_face:
-        raise BadInput(f"image too small ({width}x{height}, need at least {min_face} px)", path, "too small")
-    # a supplied map locates every masked face HOG misses (below), so auto mode skips the slow CNN then
-    detected = aligner.detect(image, fallback=photo_map is None)
-    found = [f for f in detected if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_face]
-    guided = 0
-    if photo_map is not None and photo_map.any():
-        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        for blob in _mask_blobs(photo_map, max(8, min_face // 2)):
-            bx, by = blob[0] + blob[2] / 2.0, blob[1] + blob[3] / 2.0
-
-            def explains(face, bx=bx, by=by) -> bool:
-                left, top, right, bottom = face.box
-                mx, my = 0.25 * (right - left), 0.25 * (bottom - top)
-                return left - mx <= bx <= right + mx and top - my <= by <= bottom + my
-
-            if any(explains(f) for f in detected):
-                continue
-            box = _face_box_for_mask(aligner.detector, gray, blob)
-            if min(box[2] - box[0], box[3] - box[1]) < min_face:
-                continue
-            shape = aligner.predictor(gray, dlib.rectangle(*box))
-            landmarks = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-            found.append(Face(box, landmarks))
-            guided += 1
-    if not found:
-        if detected:
-            raise BadInput(f"face too small (smaller than {min_face} px)", path, "face too small")
-        raise BadInput("no face found", path, "no face")
-    found.sort(key=lambda f: f.area, reverse=True)
-    if not all_faces:
-        found = found[:1]
-        guided = int(found[0] not in detected)
-    return found, guided
+    return FaceAligner(size=256, landmarks_path=landmarks_path, detector=detector, alignment=alignment)
 
 
 def _paste_face(item: _Item, edited: np.ndarray, crop_map: np.ndarray, matrix: np.ndarray, save_masks: bool) -> None:
@@ -525,7 +416,7 @@ def run_infer(
     progress=None,
     overwrite: bool = False,
     fold_bn: bool = True,
-    detector: str = "auto",
+    detector: str = "yunet",
 ) -> InferSummary:
     """Unmask every image of ``in_dir`` into ``out_dir`` (same names and formats). See the module doc.
 
@@ -555,13 +446,14 @@ def run_infer(
                           "with one mask map per image", checkpoint)
     size = model.image_size
     net = Unmasker(model.G, model.M if masks is None else None, size, dev, threshold, fold_bn)
-    aligner = None if aligned else _aligner(str(landmarks_path) if landmarks_path else None, detector)
+    aligner = None if aligned else _aligner(str(landmarks_path) if landmarks_path else None, detector,
+                                            model.alignment)
 
     files = list_files(in_dir)
     summary = InferSummary(in_dir=str(in_dir), out_dir=str(out_dir), checkpoint=str(checkpoint),
                            device=net.describe(), mode="aligned" if aligned else "photos",
                            mask_source="supplied" if masks is not None else "predicted", detector=detector,
-                           image_size=size, weights=model.weights, files=len(files), folded_bn=fold_bn)
+                           alignment=model.alignment, image_size=size, weights=model.weights, files=len(files), folded_bn=fold_bn)
     ensure_dir(out_dir)
     side_dirs = [out_dir] + [out_dir / d for d, on in ((MASKS_SUBDIR, save_masks), (COMPARE_SUBDIR, compare)) if on]
     for folder in side_dirs:
@@ -660,7 +552,7 @@ def run_infer(
         import cv2
 
         try:
-            found, guided = find_faces(aligner, image, path, photo_map, all_faces)
+            found, guided = aligner.find_faces(image, path, photo_map, all_faces)
         except BadInput as err:
             if err.reason not in NO_FACE_REASONS:
                 raise
@@ -672,8 +564,9 @@ def run_infer(
         summary.faces_from_maps += guided
         item.result, item.used_map = image.copy(), np.zeros((H, W), bool)
         for face in found:
-            crop_side = _crop_size(face.landmarks, size)
-            crop, matrix = _align(image, face.landmarks, crop_side)
+            quad = aligner.quad(face)
+            crop_side = _crop_size(quad, size)
+            crop, matrix = _align(image, quad, crop_side)
             crop_map = None
             if photo_map is not None:
                 crop_map = cv2.warpAffine(photo_map.astype(np.uint8), matrix, (crop_side, crop_side),
@@ -732,7 +625,7 @@ def _write_skipped(out_dir: Path, rows: list[tuple[str, str, str]]) -> None:
     _write(path, buffer.getvalue().encode("utf-8", errors="surrogateescape"))
 
 
-DETECTOR_NAMES = {"auto": "HOG, CNN where HOG finds none", "hog": "HOG", "cnn": "CNN"}
+DETECTOR_NAMES = {"yunet": "YuNet", "hog": "dlib HOG", "cnn": "dlib CNN", "hog+cnn": "dlib HOG, CNN where HOG finds none"}
 
 
 def summary_table(summary: InferSummary, max_listed: int = 10):
@@ -742,7 +635,7 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
     table.add_column("item")
     table.add_column("value", justify="right")
     what = ("aligned face crops" if summary.mode == "aligned"
-            else f"photos (detect with {DETECTOR_NAMES[summary.detector]}, align, paste back)")
+            else f"photos (detect with {DETECTOR_NAMES[summary.detector]}, {summary.alignment} alignment, paste back)")
     table.add_row("input", f"{summary.files} file(s), {what}")
     table.add_row("masks", "supplied (--masks)" if summary.mask_source == "supplied" else "predicted (map module)")
     table.add_row("model", f"{summary.image_size} px, {summary.weights}, {summary.device}")
@@ -760,9 +653,10 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
             if len(summary.no_face_files) > max_listed:
                 table.add_row(f"  ... {len(summary.no_face_files) - max_listed} more", "")
             if summary.mask_source == "predicted":
-                table.add_row("[yellow]  hint[/]", "[yellow]dlib misses some masked faces"
-                              + (" (try --detector cnn)" if summary.detector == "hog" else "")
-                              + ": pass --masks DIR (faces are then also located from the maps) or use --aligned "
+                table.add_row("[yellow]  hint[/]", "[yellow]"
+                              + ("dlib's HOG misses most masked faces (try --detector yunet); "
+                                 if summary.detector in ("hog", "hog+cnn") else "")
+                              + "pass --masks DIR (faces are then also located from the maps) or use --aligned "
                               "crops[/]")
     if summary.unchanged:
         table.add_row("empty map: copied", str(summary.unchanged))

@@ -25,6 +25,7 @@ import numpy as np
 from unmask_cli import samples
 from unmask_cli.data import (
     ORIGINAL_DIR,
+    SETTINGS_FILE,
     SKIPPED,
     SUBDIRS,
     append_manifest,
@@ -33,11 +34,11 @@ from unmask_cli.data import (
     split_of,
 )
 from unmask_cli.errors import BadInput, UnmaskError
+from unmask_cli.faces import LEGACY_ALIGNMENT, check_alignment, check_detector
 from unmask_cli.fileio import atomic_write_bytes, atomic_write_text, ensure_dir, list_files, remove_temp_files
 
 BUILTIN_DEFAULT_SAMPLES = 256
 BUILTIN_VARIANTS = 48  # distinct augmented photos of the built-in portraits
-SETTINGS_FILE = "prepare.json"
 
 
 @dataclass
@@ -56,6 +57,8 @@ class PrepareOptions:
     test_fraction: float = 0.05
     landmarks_path: str | None = None
     recursive: bool = False
+    detector: str = "yunet"  # unmask_cli.faces.DETECTORS
+    alignment: str = "visible"  # unmask_cli.faces.ALIGNMENTS; recorded, and used again by infer
 
 
 @dataclass
@@ -83,7 +86,8 @@ class PrepareSummary:
 _WORKER: dict = {}
 
 
-def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face: int, weights, parent_dies: bool) -> None:
+def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face: int, detector: str,
+                 alignment: str, weights, parent_dies: bool) -> None:
     import cv2
 
     cv2.setNumThreads(1)
@@ -95,10 +99,13 @@ def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
-    if "aligner" not in _WORKER or _WORKER["aligner"].size != size:
+    settings = (size, landmarks_path, upsample, min_face, detector, alignment)
+    if _WORKER.get("aligner_settings") != settings:
         from unmask_cli.faces import FaceAligner
 
-        _WORKER["aligner"] = FaceAligner(size, landmarks_path, upsample=upsample, min_face=min_face)
+        _WORKER["aligner"] = FaceAligner(size, landmarks_path, upsample=upsample, min_face=min_face,
+                                         detector=detector, alignment=alignment)
+        _WORKER["aligner_settings"] = settings
     _WORKER["weights"] = weights
 
 
@@ -142,6 +149,7 @@ def _process_source(task: tuple) -> dict:
                 "face_index": index,
                 "box": [int(v) for v in face.face.box],
                 "landmarks": np.round(face.face.landmarks, 2).tolist(),
+                **({"eyes": np.round(face.face.eyes, 2).tolist()} if face.face.eyes is not None else {}),
                 "aligned_landmarks": np.round(face.landmarks, 2).tolist(),
                 "matrix": np.round(face.matrix, 6).tolist(),
                 "border_fraction": round(face.border_fraction, 4),
@@ -219,6 +227,7 @@ def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
 
 def _settings(opts: PrepareOptions) -> dict:
     return {"size": opts.size, "seed": opts.seed, "mask_types": opts.mask_types, "all_faces": opts.all_faces,
+            "alignment": opts.alignment, "detector": opts.detector,
             "source": str(Path(opts.source).resolve()) if opts.source else "builtin",
             "val_fraction": opts.val_fraction,
             "test_fraction": opts.test_fraction}
@@ -235,7 +244,9 @@ def _check_resume(root: Path, opts: PrepareOptions, have: int) -> None:
     new = _settings(opts)
     if old.get("source") not in (None, "builtin"):  # the same folder, however it is spelled
         old["source"] = str(Path(old["source"]).resolve())
-    changed = [k for k in ("size", "seed", "mask_types", "all_faces", "source") if k in old and old[k] != new[k]]
+    old.setdefault("alignment", LEGACY_ALIGNMENT)  # folders from before the alignment was recorded
+    changed = [k for k in ("size", "seed", "mask_types", "all_faces", "source", "alignment")
+               if k in old and old[k] != new[k]]
     if changed:
         detail = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
         raise UnmaskError(f"output folder holds a dataset prepared with other settings ({detail}); "
@@ -286,6 +297,8 @@ def run_prepare(opts: PrepareOptions, progress=None) -> PrepareSummary:
     from unmask_cli.masks import parse_mask_types
 
     weights = parse_mask_types(opts.mask_types)
+    check_detector(opts.detector)
+    check_alignment(opts.alignment)
     if opts.num_samples < 1:
         raise UnmaskError("--num-samples must be >= 1")
     if opts.workers < 1:
@@ -339,7 +352,8 @@ def run_prepare(opts: PrepareOptions, progress=None) -> PrepareSummary:
                 progress.update(task, completed=len(records))
         return len(records) >= opts.num_samples
 
-    initargs = (opts.size, opts.landmarks_path, opts.upsample, opts.min_face, weights, True)
+    initargs = (opts.size, opts.landmarks_path, opts.upsample, opts.min_face, opts.detector, opts.alignment,
+                weights, True)
     pool = _Pool(opts.workers, initargs)
     try:
         if len(records) < opts.num_samples and pending:
@@ -402,7 +416,8 @@ def preview(opts: PrepareOptions, count: int, sheet_path: Path) -> int:
     from unmask_cli.masks import parse_mask_types, preview_sheet, synthesize
 
     weights = parse_mask_types(opts.mask_types)
-    _init_worker(opts.size, opts.landmarks_path, opts.upsample, opts.min_face, weights, False)
+    _init_worker(opts.size, opts.landmarks_path, opts.upsample, opts.min_face, opts.detector, opts.alignment,
+                 weights, False)
     items = _source_items(opts)
     rng = np.random.default_rng(opts.seed)
     order = rng.permutation(len(items))

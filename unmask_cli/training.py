@@ -60,6 +60,7 @@ from unmask_cli.checkpoints import (
     publish_copy,
     restore_rng,
     save_checkpoint,
+    stored_alignment,
     stored_ema,
 )
 from unmask_cli.config import Config, save_config
@@ -469,7 +470,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     ``device_spec`` overrides ``cfg.train.device``. Ctrl-C/SIGTERM stop at a batch boundary after saving
     ``last.pt`` (status "interrupted").
     """
-    from unmask_cli.data import PairedDataset
+    from unmask_cli.data import PairedDataset, dataset_alignment
 
     console = console or Console(stderr=True)
     run_dir, data_root = Path(run_dir), Path(data_root)
@@ -508,6 +509,11 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     val_ds = PairedDataset(data_root, "val", size)
     if len(train_ds) == 0:
         raise UnmaskError("no training samples (the 'train' split is empty); run 'unmask prepare' first", data_root)
+    alignment = dataset_alignment(data_root)
+    if ckpt is not None and stored_alignment(ckpt, ckpt_path) != alignment:
+        raise UnmaskError(f"checkpoint was trained on faces with the '{stored_alignment(ckpt, ckpt_path)}' "
+                          f"alignment, but {data_root} holds '{alignment}'-aligned faces; start a new run "
+                          "(another --name) for this data", ckpt_path)
     steps_per_epoch, samples_per_epoch = epoch_plan(len(train_ds), tc.batch_size, tc.max_steps_per_epoch)
 
     _seed_everything(tc.seed)
@@ -565,7 +571,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
 
     # run folder: config, meta, metrics trimmed to the checkpoint
     save_config(cfg, run_dir / "config.yaml")
-    info = {"vgg": vgg_description, "device": dev.describe(), "torch": str(torch.__version__),
+    info = {"vgg": vgg_description, "alignment": alignment, "device": dev.describe(), "torch": str(torch.__version__),
             "python": sys.version.split()[0], "data_root": str(data_root.resolve()),
             "train_samples": len(train_ds), "val_samples": len(val_ds)}
     resumed = None if ckpt is None else {"at": _now(), "from": str(ckpt_path), "epoch": start_epoch,
@@ -617,7 +623,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
         return {
             "epoch": epochs_done, "samples_in_epoch": samples_done, "global_step": global_step,
             "best_psnr": best_psnr, "best_epoch": best_epoch, "epoch_stats": stats,
-            "config": cfg.to_dict(), "vgg": vgg_description, "device": str(dev.device),
+            "config": cfg.to_dict(), "vgg": vgg_description, "alignment": alignment, "device": str(dev.device),
             "torch_version": str(torch.__version__), "saved_at": _now(),
             "networks": {name: net.state_dict() for name, net in nets.items()},
             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
