@@ -168,3 +168,16 @@ def test_alignments_frame_the_face_alike_and_bad_names_are_one_line_errors(astro
             check_alignment(bad)
     with pytest.raises(UnmaskError, match="unknown face detector 'blazeface'"):
         FaceAligner(detector="blazeface")
+
+
+def test_a_missing_or_broken_yunet_file_is_a_one_line_error(monkeypatch, tmp_path):
+    from unmask_cli import faces
+
+    monkeypatch.setattr(faces, "PACKAGED_MODELS", tmp_path)
+    with pytest.raises(UnmaskError, match="model file not found \\(unmask package\\); reinstall unmask") as info:
+        faces.YuNetDetector()
+    assert str(tmp_path / faces.YUNET_MODEL) in str(info.value)
+    (tmp_path / faces.YUNET_MODEL).write_bytes(b"not an onnx model")
+    with pytest.raises(UnmaskError, match="cannot load the YuNet face detector") as info:
+        faces.YuNetDetector()
+    assert "\n" not in str(info.value) and str(tmp_path / faces.YUNET_MODEL) in str(info.value)

@@ -189,12 +189,13 @@ def test_paste_in_the_face_rectangle_equals_paste_back_on_the_whole_photo(aligne
     import cv2
 
     from unmask_cli.faces import paste_back
-    from unmask_cli.inference import _align, _Item, _paste_face
+    from unmask_cli.inference import _Item, _paste_face
 
     face = aligner.detect(astronaut)[0]
     rng = np.random.default_rng(0)
     for size in (64, 300):
-        crop, matrix = _align(astronaut, aligner.quad(face), size)
+        aligned = aligner.align(astronaut, face, size)
+        crop, matrix = aligned.image, aligned.matrix
         edited = rng.integers(0, 256, crop.shape, dtype=np.uint8)
         yy, xx = np.mgrid[:size, :size]
         region = ((xx - size / 2) ** 2 / (0.3 * size) ** 2 + (yy - 0.72 * size) ** 2 / (0.2 * size) ** 2) < 1

@@ -326,18 +326,6 @@ def _crop_size(quad: np.ndarray, image_size: int) -> int:
     return int(np.clip(round(side), image_size, max(MAX_CROP, image_size)))
 
 
-def _align(rgb: np.ndarray, quad: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    import cv2
-
-    from unmask_cli.faces import quad_matrix
-
-    matrix = quad_matrix(quad, size)
-    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
-    crop = cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR if scale >= 1 else cv2.INTER_AREA,
-                          borderMode=cv2.BORDER_REFLECT_101)
-    return crop, matrix
-
-
 @functools.lru_cache(maxsize=2)
 def _aligner(landmarks_path: str | None, detector: str, alignment: str):
     """Face detector + 68-landmark predictor for one alignment, loaded once per process (~2-3 s)."""
@@ -564,9 +552,9 @@ def run_infer(
         summary.faces_from_maps += guided
         item.result, item.used_map = image.copy(), np.zeros((H, W), bool)
         for face in found:
-            quad = aligner.quad(face)
-            crop_side = _crop_size(quad, size)
-            crop, matrix = _align(image, quad, crop_side)
+            crop_side = _crop_size(aligner.quad(face), size)
+            face_crop = aligner.align(image, face, crop_side)  # the crop prepare makes, at the face's own size
+            crop, matrix = face_crop.image, face_crop.matrix
             crop_map = None
             if photo_map is not None:
                 crop_map = cv2.warpAffine(photo_map.astype(np.uint8), matrix, (crop_side, crop_side),
