@@ -1,8 +1,9 @@
 """How far a mask moves the face crop: the same faces aligned with and without a synthetic mask.
 
-    .venv/bin/python benchmarks/alignment_drift.py [--utkface 500] [--today-faces 100] [--out runs/drift]
+    .venv/bin/python benchmarks/alignment_drift.py [--utkface 500] [--offset 500] [--today-faces 100] [--out runs/drift]
 
-Faces: the first ``--utkface`` photos of ../shared/utkface plus every face of ../shared/faces. Each face is
+Faces: ``--utkface`` photos of ../shared/utkface from ``--offset`` on (by default photos 500 to 999: the
+visible alignment's settings were chosen on photos among the first 500) plus every face of ../shared/faces. Each face is
 found and aligned on the unmasked photo; then a mask of every style (the renderer of `unmask prepare`,
 drawn from the unmasked photo's landmarks) is drawn on it, and the masked photo is searched and aligned
 again exactly as `unmask infer` does it (``FaceAligner.detect`` + ``FaceAligner.quad``). Drift = the
@@ -66,7 +67,8 @@ def distinct(faces):
 
 def photos(args) -> list[tuple[np.ndarray, bool]]:
     """(image, in the subset today's path is measured on)."""
-    items = [(read_image(p), i < args.today_faces) for i, p in enumerate(list_images(args.utkface_dir)[:args.utkface])]
+    chosen = list_images(args.utkface_dir)[args.offset:args.offset + args.utkface]
+    items = [(read_image(p), i < args.today_faces) for i, p in enumerate(chosen)]
     if args.faces_dir.is_dir():
         items += [(read_image(p), False) for p in list_images(args.faces_dir)]
     return items
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--utkface-dir", type=Path, default=SHARED / "utkface")
     parser.add_argument("--faces-dir", type=Path, default=SHARED / "faces")
     parser.add_argument("--utkface", type=int, default=500)
+    parser.add_argument("--offset", type=int, default=500,
+                        help="skip the first N UTKFace photos (the alignment's constants were tuned on the first 500)")
     parser.add_argument("--today-faces", type=int, default=100)
     parser.add_argument("--styles", default=",".join(MASK_STYLES))
     parser.add_argument("--out", type=Path, default=Path("runs/drift"))

@@ -332,81 +332,86 @@ class VisibleEyes:
     dlib's predictor places all 68 points together, so a mask over the mouth also pulls the eye points.
     Here everything below a cut line just under the eyes is replaced by a generic lower face (the mean of
     the two public-domain portraits that ship with the installed packages, in the face's own
-    brightness), and the predictor runs again in a box derived from the eyes. Masked or not, it then sees
-    the same picture. Three passes, from each of the starting guesses (the predictor's eyes on the whole
-    face, the detector's eye points, the eyes where the detector's box puts them); the start whose last
-    pass moves least, i.e. the closest to a fixed point, wins: a start on a wrong face part keeps drifting.
+    brightness), in a frame fixed by the current eyes, and the predictor runs again there. Masked or not,
+    it then sees the same picture. A few passes from each of the starting guesses (the predictor's eyes
+    on the whole face, the eyes where the detector's box puts them, the detector's eye points); the
+    results of the starts that end where the medoid start ends are averaged (a start on a wrong face part
+    ends elsewhere).
     """
 
-    SIDE = 256  # the template's frame: the eyes_quad square at this size
+    SIDE = 256  # the frame the predictor runs in: the eyes_quad square at this size (eyes 64 px apart)
     CUT = 0.25  # cut line, in eye distances below the eye line (masks start lower; lower eyelids end higher)
     FEATHER = 0.15  # blend width at the cut, in eye distances
-    PASSES = 3
+    PASSES = 4
     # predictor box from the eyes (HOG-box convention, median fit): centre 0.373 eye distances below the
     # eye midpoint, side 2.247 eye distances
     BOX_DROP, BOX_SIDE = 0.373, 2.247
 
     def __init__(self, landmarks: Landmarks68):
         self.landmarks = landmarks
-        self.template = _lower_face_template(self.SIDE)
-
-    def box(self, eyes: np.ndarray) -> tuple[int, int, int, int]:
-        left, right = eyes
-        distance = max(float(np.hypot(*(right - left))), 1e-6)
-        down = np.array([-(right - left)[1], (right - left)[0]]) / distance
-        cx, cy = (left + right) / 2 + down * self.BOX_DROP * distance
+        side = self.SIDE
+        self.template = _lower_face_template(side)
+        distance = side / (2 * EYES_HALF_SIDE)  # the eye distance in the frame
+        eye_y = side / 2 - EYES_CENTRE_DROP * distance
+        self.frame_eyes = np.array([[side / 2 - distance / 2, eye_y], [side / 2 + distance / 2, eye_y]])
+        rows = np.arange(side, dtype=np.float32)[:, None].repeat(side, axis=1)
+        self.weight = np.clip((rows - (eye_y + self.CUT * distance)) / (self.FEATHER * distance), 0, 1)
         half = self.BOX_SIDE * distance / 2
-        return int(round(cx - half)), int(round(cy - half)), int(round(cx + half)), int(round(cy + half))
+        cx, cy = side / 2, eye_y + self.BOX_DROP * distance
+        self.box = (int(round(cx - half)), int(round(cy - half)), int(round(cx + half)), int(round(cy + half)))
 
-    def completed(self, gray: np.ndarray, eyes: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """The region around the face, everything below the cut line replaced by the generic lower face,
-        and that region's offset in ``gray``."""
-        import cv2
+    def completed(self, gray: np.ndarray, eyes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The face in the frame (eyes at ``frame_eyes``), everything below the cut line replaced by the
+        generic lower face in the face's own brightness, and the 2x3 photo -> frame matrix."""
 
         quad = eyes_quad(eyes)
-        lo = np.floor(quad.min(axis=0)).astype(int) - 2
-        hi = np.ceil(quad.max(axis=0)).astype(int) + 2
-        x0, y0 = max(0, lo[0]), max(0, lo[1])
-        x1, y1 = min(gray.shape[1], hi[0]), min(gray.shape[0], hi[1])
-        roi = gray[y0:y1, x0:x1].astype(np.float32)
-        if roi.size == 0:
-            return gray, (0, 0)
-        side = self.SIDE
-        to_roi = cv2.getAffineTransform(np.float32([[0, 0], [0, side], [side, side]]),
-                                        (quad[:3] - [x0, y0]).astype(np.float32))
-        eye_y = side / 2 - EYES_CENTRE_DROP / (2 * EYES_HALF_SIDE) * side
-        per_eye = side / (2 * EYES_HALF_SIDE)  # one eye distance in template pixels
-        rows = np.arange(side, dtype=np.float32)[:, None].repeat(side, axis=1)
-        weight = np.clip((rows - (eye_y + self.CUT * per_eye)) / (self.FEATHER * per_eye), 0, 1)
-        size = (roi.shape[1], roi.shape[0])
-        weight = cv2.warpAffine(weight, to_roi, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        template = cv2.warpAffine(self.template, to_roi, size, flags=cv2.INTER_LINEAR,
-                                  borderMode=cv2.BORDER_REPLICATE)
-        visible = roi[weight < 0.01]
-        mean, std = (float(visible.mean()), float(visible.std())) if visible.size > 20 else (128.0, 40.0)
-        out = roi * (1 - weight) + (mean + template * std) * weight
-        return np.clip(out, 0, 255).astype(np.uint8), (x0, y0)
+        matrix = quad_matrix(quad, self.SIDE)
+        frame = _warp_region(gray, quad, matrix, self.SIDE).astype(np.float32)
+        visible = frame[self.weight < 0.01]
+        out = frame * (1 - self.weight) + (visible.mean() + self.template * visible.std()) * self.weight
+        return np.clip(out, 0, 255).astype(np.uint8), matrix
 
     def _pass(self, gray: np.ndarray, eyes: np.ndarray) -> np.ndarray:
         """68 landmarks (photo coordinates) predicted on the completed face; only the upper ones count."""
-        roi, (x0, y0) = self.completed(gray, eyes)
-        left, top, right, bottom = self.box(eyes)
-        return self.landmarks(roi, (left - x0, top - y0, right - x0, bottom - y0)) + [x0, y0]
+        import cv2
+
+        frame, matrix = self.completed(gray, eyes)
+        return transform_points(self.landmarks(frame, self.box), cv2.invertAffineTransform(matrix))
 
     def __call__(self, gray: np.ndarray, starts: list[np.ndarray]) -> np.ndarray:
-        """The landmarks of the best start (eyes and outline at eye level are from the upper face; the
-        rest follow the generic lower face)."""
-        best, best_step = None, np.inf
+        """The mean landmarks of the starts that end within 0.1 eye distances of the medoid start's end.
+        The eyes and the outline at eye level are from the upper face; the other points follow the
+        generic lower face."""
+        ends = []
         for eyes in starts:
             for _ in range(self.PASSES):
                 points = self._pass(gray, eyes)
-                found = eye_centres(points)
-                distance = max(float(np.hypot(*(found[1] - found[0]))), 1e-6)
-                step = float(np.hypot(*(found - eyes).T).max()) / distance
-                eyes = found
-            if step < best_step:
-                best, best_step = points, step
-        return best
+                eyes = eye_centres(points)
+            ends.append(points)
+        eyes = np.stack([eye_centres(points) for points in ends])  # (starts, 2, 2)
+        apart = np.hypot(*(eyes[:, None] - eyes[None]).transpose(3, 0, 1, 2)).max(axis=-1)  # (starts, starts)
+        medoid = int(np.argmin(apart.sum(axis=1)))
+        distance = float(np.hypot(*(eyes[medoid, 1] - eyes[medoid, 0])))
+        agree = [i for i in range(len(ends)) if apart[medoid, i] < 0.1 * distance]
+        return np.mean([ends[i] for i in agree], axis=0)
+
+
+def _warp_region(gray: np.ndarray, quad: np.ndarray, matrix: np.ndarray, side: int) -> np.ndarray:
+    """``cv2.warpAffine(gray, matrix)`` to ``side`` px, reading only the region of ``quad``, blurred first
+    when the warp shrinks it (a plain bilinear warp would alias)."""
+    import cv2
+
+    x0, y0 = np.maximum(np.floor(quad.min(axis=0)).astype(int) - 2, 0)
+    x1, y1 = np.minimum(np.ceil(quad.max(axis=0)).astype(int) + 3, (gray.shape[1], gray.shape[0]))
+    if x1 <= x0 or y1 <= y0:  # the face lies outside the photo
+        x0, y0, x1, y1 = 0, 0, gray.shape[1], gray.shape[0]
+    region = gray[y0:y1, x0:x1]
+    scale = _scale(matrix)
+    if scale < 0.7:
+        region = cv2.GaussianBlur(region, (0, 0), 0.5 / scale)
+    shifted = matrix.copy()
+    shifted[:, 2] += matrix[:, :2] @ np.array([x0, y0], np.float64)  # region coordinates -> frame
+    return cv2.warpAffine(region, shifted, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 @functools.lru_cache(maxsize=2)
