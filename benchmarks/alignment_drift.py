@@ -45,10 +45,11 @@ def drift(reference: np.ndarray, quad: np.ndarray) -> float:
     return float(np.hypot(*(quad - reference).T).max()) / side
 
 
-def same_face(found, box):
-    """The found face whose box centre lies inside ``box`` (the face before the mask), else None."""
+def same_face(found, box, min_side: int = 32):
+    """The (largest) found face of at least ``min_side`` px (the smallest `unmask infer` aligns) whose box
+    centre lies inside ``box`` (the face before the mask), else None."""
     left, top, right, bottom = box
-    for face in found:
+    for face in (f for f in found if f.side >= min_side):
         cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
         if left <= cx <= right and top <= cy <= bottom:
             return face
@@ -60,7 +61,7 @@ def distinct(faces):
     a face part)."""
     kept = []
     for face in faces:
-        if same_face(kept, face.box) is None and not any(same_face([face], k.box) for k in kept):
+        if same_face(kept, face.box, 0) is None and not any(same_face([face], k.box, 0) for k in kept):
             kept.append(face)
     return kept
 

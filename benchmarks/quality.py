@@ -93,6 +93,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0 = torch default; use 1 when the cores are shared)")
     parser.add_argument("--workers", type=int, default=2, help="prepare worker processes")
+    parser.add_argument("--alignment", default="visible",
+                        help="prepare alignment (the README's tables: ffhq with --detector hog, made before 'visible')")
+    parser.add_argument("--detector", default="yunet", help="prepare face detector")
     parser.add_argument("--warmup-fraction", type=float, default=0.6,
                         help="share of the GAN's budget spent in the L1+SSIM warm-up (loss.warmup_steps = this "
                              "times the ablation's steps in the same budget, which is trained first); "
@@ -143,7 +146,7 @@ def prepare_data(args: argparse.Namespace, console) -> Path:
     root = args.work / "data"
     opts = PrepareOptions(out=root, source=args.source, num_samples=args.images, size=args.prep_size,
                           workers=args.workers, mask_types=args.mask_types, val_fraction=args.val_fraction,
-                          test_fraction=args.test_fraction)
+                          test_fraction=args.test_fraction, alignment=args.alignment, detector=args.detector)
     console.print(f"[bold]1. prepare[/] {args.images} samples at {args.prep_size} px from {args.source} "
                   f"(masks: {args.mask_types}) -> {root}")
     with make_progress(console, unit="faces") as progress:

@@ -476,7 +476,6 @@ class FaceAligner:
 
     def __init__(self, size: int = 256, landmarks_path: str | os.PathLike | None = None, upsample: int = 1,
                  min_face: int = 32, detector: str = DEFAULT_DETECTOR, alignment: str = DEFAULT_ALIGNMENT):
-        self.mode = check_detector(detector)
         self.alignment = check_alignment(alignment)
         self.size = size
         self.upsample = upsample
@@ -484,7 +483,7 @@ class FaceAligner:
         self.landmarks = Landmarks68(landmarks_path)
         self.landmarks_path = self.landmarks.path
         self.detector = make_detector(detector, upsample)
-        self.eyes = VisibleEyes(self.landmarks) if alignment == "visible" else None
+        self.visible_eyes = VisibleEyes(self.landmarks) if alignment == "visible" else None
         self._hog: HogDetector | None = None
 
     @property
@@ -495,13 +494,14 @@ class FaceAligner:
         return self._hog
 
     def face_at(self, gray: np.ndarray, box: tuple[int, int, int, int], hint: np.ndarray | None = None) -> Face:
-        """The face in ``box``: 68 landmarks, and for the visible alignment its visible eye centres
-        (``hint``: the detector's eye points, one more starting guess)."""
+        """The face in ``box``: 68 landmarks, and for the visible alignment the landmarks of its upper face
+        (``hint``: the detector's eye points, one more starting guess). Faces smaller than ``min_face``,
+        which are never aligned, get no upper-face landmarks (they cost a dozen predictor runs)."""
         landmarks = self.landmarks(gray, box)
         upper = None
-        if self.eyes is not None:
+        if self.visible_eyes is not None and min(box[2] - box[0], box[3] - box[1]) >= self.min_face:
             starts = [eye_centres(landmarks), eyes_in_box(box)] + ([hint] if hint is not None else [])
-            upper = self.eyes(gray, starts)
+            upper = self.visible_eyes(gray, starts)
         return Face(tuple(int(v) for v in box), landmarks, upper)  # type: ignore[arg-type]
 
     def detect(self, rgb: np.ndarray, fallback: bool = True) -> list[Face]:
@@ -515,10 +515,12 @@ class FaceAligner:
         return faces
 
     def quad(self, face: Face) -> np.ndarray:
-        """The face's crop square in photo coordinates (see :func:`eyes_quad`, :func:`ffhq_quad`)."""
-        if self.alignment == "visible" and face.upper is not None:
-            return visible_quad(face.upper)
-        return ffhq_quad(face.landmarks)
+        """The face's crop square in photo coordinates (see :func:`visible_quad`, :func:`ffhq_quad`)."""
+        if self.alignment == "ffhq":
+            return ffhq_quad(face.landmarks)
+        if face.upper is None:
+            raise ValueError(f"face {face.box} has no upper-face landmarks (smaller than min_face={self.min_face})")
+        return visible_quad(face.upper)
 
     def align(self, rgb: np.ndarray, face: Face, size: int | None = None) -> AlignedFace:
         """Warp ``face`` to a ``size`` (default ``self.size``) square crop; the part outside the photo is
