@@ -14,7 +14,7 @@ Three sets, each searched by every detector exactly as `unmask infer --detector 
    a found box's centre lies inside it).
 3. faceless images shipped with scikit-image (coffee, chelsea the cat, rocket, ...): false faces.
 
-Writes ``OUT/detect.json`` and ``OUT/contact_sheet.jpg``: real photos with every detector's boxes (YuNet
+Writes ``OUT/detect.json`` and ``OUT/contact_sheet.png``: real photos with every detector's boxes (YuNet
 green, CNN red, HOG blue), the photos where YuNet and the CNN disagree most first, for checking by eye.
 The sheet shows the research-only photos of --real: it stays in OUT, never in the repository.
 """
@@ -157,7 +157,7 @@ def contact_sheet(records, path: Path, count: int = 24, tile: int = 320) -> None
     while len(tiles) % 6:
         tiles.append(np.full((tile, tile, 3), 255, np.uint8))
     rows = [np.concatenate(tiles[i:i + 6], axis=1) for i in range(0, len(tiles), 6)]
-    write_image(path, np.concatenate(rows, axis=0), quality=90)
+    write_image(path, np.concatenate(rows, axis=0))
 
 
 def report(console, real, synth, none, args) -> None:
@@ -198,8 +198,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "detect.json").write_text(json.dumps({"real": real, "synthetic": synth, "faceless": none}, indent=2)
                                           + "\n", encoding="utf-8")
-    contact_sheet(records, args.out / "contact_sheet.jpg")
-    console.print(f"written {args.out / 'detect.json'} and {args.out / 'contact_sheet.jpg'} (check it by eye)")
+    contact_sheet(records, args.out / "contact_sheet.png")
+    console.print(f"written {args.out / 'detect.json'} and {args.out / 'contact_sheet.png'} (check it by eye)")
 
 
 if __name__ == "__main__":
