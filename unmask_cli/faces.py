@@ -343,6 +343,7 @@ class VisibleEyes:
     CUT = 0.25  # cut line, in eye distances below the eye line (masks start lower; lower eyelids end higher)
     FEATHER = 0.15  # blend width at the cut, in eye distances
     PASSES = 4
+    AGREE = 0.1  # starts that end within this many eye distances of the medoid's end are averaged
     # predictor box from the eyes (HOG-box convention, median fit): centre 0.373 eye distances below the
     # eye midpoint, side 2.247 eye distances
     BOX_DROP, BOX_SIDE = 0.373, 2.247
@@ -379,7 +380,7 @@ class VisibleEyes:
         return transform_points(self.landmarks(frame, self.box), cv2.invertAffineTransform(matrix))
 
     def __call__(self, gray: np.ndarray, starts: list[np.ndarray]) -> np.ndarray:
-        """The mean landmarks of the starts that end within 0.1 eye distances of the medoid start's end.
+        """The mean landmarks of the starts that end within ``AGREE`` eye distances of the medoid start's end.
         The eyes and the outline at eye level are from the upper face; the other points follow the
         generic lower face."""
         ends = []
@@ -392,7 +393,7 @@ class VisibleEyes:
         apart = np.hypot(*(eyes[:, None] - eyes[None]).transpose(3, 0, 1, 2)).max(axis=-1)  # (starts, starts)
         medoid = int(np.argmin(apart.sum(axis=1)))
         distance = float(np.hypot(*(eyes[medoid, 1] - eyes[medoid, 0])))
-        agree = [i for i in range(len(ends)) if apart[medoid, i] < 0.1 * distance]
+        agree = [i for i in range(len(ends)) if apart[medoid, i] < self.AGREE * distance]
         return np.mean([ends[i] for i in agree], axis=0)
 
 
