@@ -301,6 +301,6 @@ def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.
     device = torch.device(device)
     G = G.to(device).eval()
     M = M.to(device).eval() if M is not None else None
-    return TrainedModel(G=G, M=M, config=cfg, image_size=size, epoch=int(ckpt["epoch"]), alignment=stored_alignment(ckpt, path),
+    return TrainedModel(G=G, M=M, config=cfg, image_size=size, epoch=int(ckpt["epoch"]),
                         global_step=int(ckpt["global_step"]), vgg=str(ckpt.get("vgg", "unknown")), path=path,
-                        weights=weights)
+                        weights=weights, alignment=stored_alignment(ckpt, path))

@@ -510,10 +510,11 @@ def train(cfg: Config, run_dir: str | os.PathLike, data_root: str | os.PathLike,
     if len(train_ds) == 0:
         raise UnmaskError("no training samples (the 'train' split is empty); run 'unmask prepare' first", data_root)
     alignment = dataset_alignment(data_root)
-    if ckpt is not None and stored_alignment(ckpt, ckpt_path) != alignment:
-        raise UnmaskError(f"checkpoint was trained on faces with the '{stored_alignment(ckpt, ckpt_path)}' "
-                          f"alignment, but {data_root} holds '{alignment}'-aligned faces; start a new run "
-                          "(another --name) for this data", ckpt_path)
+    trained_on = alignment if ckpt is None else stored_alignment(ckpt, ckpt_path)
+    if trained_on != alignment:
+        raise UnmaskError(f"checkpoint was trained on faces with the '{trained_on}' alignment, but {data_root} "
+                          f"holds '{alignment}'-aligned faces; start a new run (another --name) for this data",
+                          ckpt_path)
     steps_per_epoch, samples_per_epoch = epoch_plan(len(train_ds), tc.batch_size, tc.max_steps_per_epoch)
 
     _seed_everything(tc.seed)
