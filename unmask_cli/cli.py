@@ -88,7 +88,8 @@ def prepare(
         console.print(f"preview sheet with {count} samples (original | masked | map): [bold]{out}[/]")
         return
     what = f"{source}" if source else "built-in sample portraits (astronaut, grace_hopper; augmented)"
-    console.print(f"preparing {opts.num_samples} samples at {opts.size}px from {what} with {workers} worker(s)")
+    console.print(f"preparing {opts.num_samples} samples at {opts.size}px from {what} with {workers} worker(s); "
+                  f"{opts.detector} detector, {opts.alignment} alignment")
     with make_progress(console, unit="faces") as progress:
         summary = run_prepare(opts, progress)
     console.print(summary_table(summary))
