@@ -354,7 +354,6 @@ class VisibleEyes:
         self.template = _lower_face_template(side)
         distance = side / (2 * EYES_HALF_SIDE)  # the eye distance in the frame
         eye_y = side / 2 - EYES_CENTRE_DROP * distance
-        self.frame_eyes = np.array([[side / 2 - distance / 2, eye_y], [side / 2 + distance / 2, eye_y]])
         rows = np.arange(side, dtype=np.float32)[:, None].repeat(side, axis=1)
         self.weight = np.clip((rows - (eye_y + self.CUT * distance)) / (self.FEATHER * distance), 0, 1)
         half = self.BOX_SIDE * distance / 2
@@ -362,9 +361,8 @@ class VisibleEyes:
         self.box = (int(round(cx - half)), int(round(cy - half)), int(round(cx + half)), int(round(cy + half)))
 
     def completed(self, gray: np.ndarray, eyes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The face in the frame (eyes at ``frame_eyes``), everything below the cut line replaced by the
-        generic lower face in the face's own brightness, and the 2x3 photo -> frame matrix."""
-
+        """The face in the frame (the ``eyes_quad`` of ``eyes``), everything below the cut line replaced by
+        the generic lower face in the face's own brightness, and the 2x3 photo -> frame matrix."""
         quad = eyes_quad(eyes)
         matrix = quad_matrix(quad, self.SIDE)
         frame = _warp_region(gray, quad, matrix, self.SIDE).astype(np.float32)
@@ -482,7 +480,6 @@ class FaceAligner:
         self.upsample = upsample
         self.min_face = min_face
         self.landmarks = Landmarks68(landmarks_path)
-        self.landmarks_path = self.landmarks.path
         self.detector = make_detector(detector, upsample)
         self.visible_eyes = VisibleEyes(self.landmarks) if alignment == "visible" else None
         self._hog: HogDetector | None = None
