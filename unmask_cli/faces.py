@@ -333,7 +333,8 @@ class VisibleEyes:
     Here everything below a cut line just under the eyes is replaced by a generic lower face (the mean of
     the two public-domain portraits that ship with the installed packages, in the face's own
     brightness), in a frame fixed by the current eyes, and the predictor runs again there. Masked or not,
-    it then sees the same picture. A few passes from each of the starting guesses (the predictor's eyes
+    it then sees the same picture (the first pass cuts at the eye line). A few passes from each of the
+    starting guesses (the predictor's eyes
     on the whole face, the eyes where the detector's box puts them, the detector's eye points); the
     results of the starts that end where the medoid start ends are averaged (a start on a wrong face part
     ends elsewhere).
@@ -343,6 +344,9 @@ class VisibleEyes:
     CUT = 0.25  # cut line, in eye distances below the eye line (masks start lower; lower eyelids end higher)
     FEATHER = 0.15  # blend width at the cut, in eye distances
     PASSES = 4
+    # the first pass cuts at the eye line itself: a start that a mask pulled down onto the mask's top edge
+    # then sees no edge there and moves up to the eyes (measured: 95th-percentile drift 4.4 -> 3.8 %)
+    FIRST_CUT = 0.0
     AGREE = 0.1  # starts that end within this many eye distances of the medoid's end are averaged
     # predictor box from the eyes (HOG-box convention, median fit): centre 0.373 eye distances below the
     # eye midpoint, side 2.247 eye distances
@@ -355,26 +359,28 @@ class VisibleEyes:
         distance = side / (2 * EYES_HALF_SIDE)  # the eye distance in the frame
         eye_y = side / 2 - EYES_CENTRE_DROP * distance
         rows = np.arange(side, dtype=np.float32)[:, None].repeat(side, axis=1)
-        self.weight = np.clip((rows - (eye_y + self.CUT * distance)) / (self.FEATHER * distance), 0, 1)
+        self.weights = [np.clip((rows - (eye_y + cut * distance)) / (self.FEATHER * distance), 0, 1)
+                        for cut in (self.FIRST_CUT, self.CUT)]
         half = self.BOX_SIDE * distance / 2
         cx, cy = side / 2, eye_y + self.BOX_DROP * distance
         self.box = (int(round(cx - half)), int(round(cy - half)), int(round(cx + half)), int(round(cy + half)))
 
-    def completed(self, gray: np.ndarray, eyes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def completed(self, gray: np.ndarray, eyes: np.ndarray, first: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The face in the frame (the ``eyes_quad`` of ``eyes``), everything below the cut line replaced by
         the generic lower face in the face's own brightness, and the 2x3 photo -> frame matrix."""
         quad = eyes_quad(eyes)
         matrix = quad_matrix(quad, self.SIDE)
         frame = _warp_region(gray, quad, matrix, self.SIDE).astype(np.float32)
-        visible = frame[self.weight < 0.01]
-        out = frame * (1 - self.weight) + (visible.mean() + self.template * visible.std()) * self.weight
+        weight = self.weights[0 if first else 1]
+        visible = frame[weight < 0.01]
+        out = frame * (1 - weight) + (visible.mean() + self.template * visible.std()) * weight
         return np.clip(out, 0, 255).astype(np.uint8), matrix
 
-    def _pass(self, gray: np.ndarray, eyes: np.ndarray) -> np.ndarray:
+    def _pass(self, gray: np.ndarray, eyes: np.ndarray, first: bool = False) -> np.ndarray:
         """68 landmarks (photo coordinates) predicted on the completed face; only the upper ones count."""
         import cv2
 
-        frame, matrix = self.completed(gray, eyes)
+        frame, matrix = self.completed(gray, eyes, first)
         return transform_points(self.landmarks(frame, self.box), cv2.invertAffineTransform(matrix))
 
     def __call__(self, gray: np.ndarray, starts: list[np.ndarray]) -> np.ndarray:
@@ -383,8 +389,8 @@ class VisibleEyes:
         generic lower face."""
         ends = []
         for eyes in starts:
-            for _ in range(self.PASSES):
-                points = self._pass(gray, eyes)
+            for index in range(self.PASSES):
+                points = self._pass(gray, eyes, index == 0)
                 eyes = eye_centres(points)
             ends.append(points)
         eyes = np.stack([eye_centres(points) for points in ends])  # (starts, 2, 2)
