@@ -355,7 +355,7 @@ class VisibleEyes:
     def __init__(self, landmarks: Landmarks68):
         self.landmarks = landmarks
         side = self.SIDE
-        self.template = _lower_face_template(side)
+        self.template = _lower_face_template(side, landmarks)
         distance = side / (2 * EYES_HALF_SIDE)  # the eye distance in the frame
         eye_y = side / 2 - EYES_CENTRE_DROP * distance
         rows = np.arange(side, dtype=np.float32)[:, None].repeat(side, axis=1)
@@ -420,14 +420,15 @@ def _warp_region(gray: np.ndarray, quad: np.ndarray, matrix: np.ndarray, side: i
 
 
 @functools.lru_cache(maxsize=2)
-def _lower_face_template(side: int) -> np.ndarray:
+def _lower_face_template(side: int, landmarks: Landmarks68) -> np.ndarray:
     """Mean of the two built-in portraits (skimage's astronaut, matplotlib's grace_hopper), grey, each
-    standardised, in the ``eyes_quad`` frame at ``side`` px (float32, mean 0, unit spread)."""
+    standardised, in the ``eyes_quad`` frame at ``side`` px (float32, mean 0, unit spread). ``landmarks``:
+    the caller's predictor (loading another copy of the 100 MB model would take seconds)."""
     import cv2
 
     from unmask_cli.samples import portrait
 
-    hog, landmarks = HogDetector(), Landmarks68()
+    hog = HogDetector()
     frames = []
     for name in ("astronaut", "grace_hopper"):
         gray = cv2.cvtColor(portrait(name), cv2.COLOR_RGB2GRAY)
