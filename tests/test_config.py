@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unmask_cli.config import Config, load_config
+from unmask_cli.config import Config, PrepareConfig, load_config
 from unmask_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ def test_default_yaml_matches_seed_hyperparameters():
     assert (cfg.train.beta1, cfg.train.beta2) == (0.5, 0.999)
     assert cfg.loss.lambda_rc == 100 and cfg.loss.lambda_perc == 1
     assert cfg.loss.lambda_adv_whole == 1 and cfg.loss.lambda_adv_mask == 1
-    assert cfg.prepare.num_samples == 10000
+    assert cfg.prepare.num_samples is None and PrepareConfig(source='celeba').samples() == 10000
     # the YAML spells out every key, and equals the built-in defaults
     assert cfg.to_dict() == Config().to_dict()
     raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,11 +32,13 @@ class DataConfig:
 
 @dataclass
 class PrepareConfig:
-    """Dataset synthesis (``unmask prepare``)."""
+    """Dataset synthesis (``unmask prepare``); the dataset is written to ``data.root``."""
 
     source: str | None = None  # folder of unmasked face photos (CelebA img_align_celeba); None = built-in samples
-    num_samples: int = 10000
+    recursive: bool = False  # also read photos in sub-folders of source
+    num_samples: int | None = None  # None = 10000 from a source, BUILTIN_SAMPLES from the built-in portraits
     size: int = 256  # aligned crop size
+    workers: int = 1  # worker processes
     mask_types: str = "rect,oval"  # comma list, optional weights: "surgical:3,cloth:2"
     all_faces: bool = False  # every detected face instead of the largest
     min_face: int = 32  # smallest usable face box (px, in the source photo)
@@ -45,9 +48,19 @@ class PrepareConfig:
     # gets; ffhq: eyes and mouth corners (datasets made before 'visible'). Checkpoints record it; infer
     # aligns photos the same way.
     alignment: str = "visible"
+    landmarks: str | None = None  # dlib 68-landmark model file; None = face-recognition-models / $UNMASK_LANDMARKS
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     seed: int = 0
+
+    SOURCE_SAMPLES = 10000
+    BUILTIN_SAMPLES = 256
+
+    def samples(self) -> int:
+        """How many samples to write: ``num_samples``, or the default for the kind of source."""
+        if self.num_samples is not None:
+            return self.num_samples
+        return self.SOURCE_SAMPLES if self.source else self.BUILTIN_SAMPLES
 
 
 @dataclass
@@ -105,12 +118,50 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``unmask eval``: score a checkpoint on held-out faces against classical inpainting."""
+
+    checkpoint: str | None = None  # required: a checkpoint of 'unmask train'
+    data: str | None = None  # prepared dataset (or a folder of the three image folders); None = the checkpoint's data.root
+    split: str = "test"  # train | val | test | all
+    out: str | None = None  # report folder; None = <checkpoint folder>/eval_<split>
+    batch_size: int = 8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    vgg_weights: str | None = None  # FD network: imagenet | a weights file | random; None = the checkpoint's
+    max_images: int = 0  # only the first N images of the split; 0 = all
+    sheet_images: int = 8  # rows in comparison.png; 0 = none
+    baselines: str = "telea,ns,masked"  # classical methods scored beside the GAN
+    ema: bool = True  # score the moving average of G when the checkpoint has one
+
+
+@dataclass
+class InferConfig:
+    """``unmask infer IN_DIR OUT_DIR``: unmask a folder of photos or aligned crops."""
+
+    checkpoint: str | None = None  # a checkpoint of 'unmask train' (runs/NAME/best.pt)
+    masks: str | None = None  # folder of mask maps with the photos' file stems; None = the map module predicts them
+    aligned: bool = False  # inputs are aligned crops: no detection, no paste-back
+    threshold: float = 0.5  # map-module threshold for predicted masks
+    save_masks: bool = False  # write the masks used to OUT_DIR/masks/
+    compare: bool = False  # also write input | output pairs to OUT_DIR/compare/
+    batch_size: int = 8  # faces per batch
+    device: str = "auto"
+    all_faces: bool = True  # every face, or only the largest
+    landmarks: str | None = None  # dlib 68-landmark model file
+    detector: str = "yunet"  # unmask_cli.faces.DETECTORS; faces are aligned the way the checkpoint's data was
+    overwrite: bool = False  # redo outputs that exist (default: skip them, so reruns resume)
+    fold_bn: bool = True  # fold BatchNorm into the convolutions (same outputs within 1e-4, faster)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,13 +237,19 @@ def _validate(cfg: Config, where: str) -> None:
         (cfg.data.image_size >= 32 and cfg.data.image_size & (cfg.data.image_size - 1) == 0,
          "data.image_size must be a power of two >= 32"),
         (cfg.prepare.size >= 32, "prepare.size must be >= 32"),
-        (cfg.prepare.num_samples >= 1, "prepare.num_samples must be >= 1"),
+        (cfg.prepare.num_samples is None or cfg.prepare.num_samples >= 1, "prepare.num_samples must be >= 1"),
+        (cfg.prepare.workers >= 1, "prepare.workers must be >= 1"),
         (cfg.prepare.detector in DETECTORS, f"prepare.detector must be one of {', '.join(DETECTORS)}"),
         (cfg.prepare.alignment in ALIGNMENTS, f"prepare.alignment must be one of {', '.join(ALIGNMENTS)}"),
         (0 <= cfg.prepare.val_fraction < 1 and 0 <= cfg.prepare.test_fraction < 1
          and cfg.prepare.val_fraction + cfg.prepare.test_fraction < 1,
          "prepare.val_fraction + prepare.test_fraction must be in [0, 1)"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (cfg.eval.max_images >= 0 and cfg.eval.sheet_images >= 0, "eval.max_images and eval.sheet_images must be >= 0"),
+        (cfg.infer.batch_size >= 1, "infer.batch_size must be >= 1"),
+        (0 < cfg.infer.threshold < 1, "infer.threshold must be in (0, 1)"),
+        (cfg.infer.detector in DETECTORS, f"infer.detector must be one of {', '.join(DETECTORS)}"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.save_interval >= 1, "train.save_interval must be >= 1"),
         (cfg.train.lr_g > 0 and cfg.train.lr_d > 0, "train.lr_g and train.lr_d must be > 0"),
@@ -230,8 +287,10 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``--set`` overrides, all type-checked."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                options: dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- ``--set`` overrides <- ``options`` (a command's own options, as
+    ``{"infer.threshold": 0.4}``; None = not given), all type-checked."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -250,11 +309,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError("config must be a mapping of sections (data, prepare, model, loss, train)", path)
+            raise ConfigError("config must be a mapping of sections (data, prepare, model, loss, train, eval, infer)", path)
         _apply(cfg, data, "", str(path))
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value), "", f"--set {text}")
+    for key, value in (options or {}).items():
+        if value is not None:
+            value = str(value) if isinstance(value, os.PathLike) else value
+            _apply(cfg, _nest(key, value), "", f"--{key.rsplit('.', 1)[-1].replace('_', '-')}")
     _validate(cfg, str(path) if path is not None else "config")
     return cfg
 
