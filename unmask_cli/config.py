@@ -28,6 +28,9 @@ class DataConfig:
     root: str = "data/prepared"
     image_size: int = 256  # training resolution; prepared images of another size are resized
     num_workers: int = 2  # DataLoader workers
+    # decode the split once into a uint8 array file beside the dataset and read batches from it
+    # (memory-mapped, shared by the workers) instead of decoding PNGs every epoch
+    cache: bool = False
 
 
 @dataclass
