@@ -14,8 +14,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from unmask_cli.config import PrepareConfig
 from unmask_cli.fileio import list_images
-from unmask_cli.prepare import PrepareOptions, run_prepare
+from unmask_cli.prepare import run_prepare
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,8 +43,7 @@ def main() -> None:
             for workers in (1, 2):
                 out = Path(tmp) / f"out{workers}"
                 shutil.rmtree(out, ignore_errors=True)
-                summary = run_prepare(PrepareOptions(out=out, source=src, num_samples=args.images, size=args.size,
-                                                     workers=workers, mask_types=args.mask_types))
+                summary = run_prepare(PrepareConfig(source=src, num_samples=args.images, size=args.size, workers=workers, mask_types=args.mask_types), out)
                 rates[workers].append(summary.faces / summary.seconds)
                 print(f"round {round_ + 1}: {workers} worker(s): {summary.faces} faces in {summary.seconds:.1f} s "
                       f"= {rates[workers][-1]:.1f} faces/s (skipped {sum(summary.skipped.values())})", flush=True)

@@ -16,10 +16,11 @@ import pytest
 from conftest import write_jpeg
 from PIL import Image
 
+from unmask_cli.config import PrepareConfig
 from unmask_cli.data import MASK_DIR, MASKED_DIR, ORIGINAL_DIR, read_manifest
 from unmask_cli.errors import UnmaskError
 from unmask_cli.fileio import TMP_MARK, read_image, read_mask
-from unmask_cli.prepare import PrepareOptions, run_prepare
+from unmask_cli.prepare import run_prepare
 
 
 def check_dataset(root: Path, count: int, size: int) -> list[dict]:
@@ -59,7 +60,7 @@ def source_dir(tmp_path, astronaut, grace_hopper):
 
 
 def test_builtin_default_runs_offline(tmp_path):
-    summary = run_prepare(PrepareOptions(out=tmp_path / "p", num_samples=10, size=64))
+    summary = run_prepare(PrepareConfig(num_samples=10, size=64), tmp_path / "p")
     records = check_dataset(tmp_path / "p", 10, 64)
     assert summary.written == 10 and summary.faces == 10 and not summary.skipped
     assert {r["source"].split("#")[0] for r in records} == {"builtin:astronaut", "builtin:grace_hopper"}
@@ -70,7 +71,7 @@ def test_builtin_default_runs_offline(tmp_path):
 
 def test_folder_with_bad_files_skips_and_reuses(tmp_path, source_dir):
     out = tmp_path / "out"
-    summary = run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=5, size=64, workers=2))
+    summary = run_prepare(PrepareConfig(source=source_dir, num_samples=5, size=64, workers=2), out)
     records = check_dataset(out, 5, 64)
     assert summary.faces == 2 and summary.reused == 3
     assert [r["reused"] for r in records] == [False, False, True, True, True]
@@ -99,60 +100,59 @@ def test_folder_with_bad_files_skips_and_reuses(tmp_path, source_dir):
 
 def test_rerun_continues_without_duplicates(tmp_path, source_dir):
     out = tmp_path / "out"
-    run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=3, size=64))
+    run_prepare(PrepareConfig(source=source_dir, num_samples=3, size=64), out)
     first = read_manifest(out)
     # simulate a kill: an orphan triplet file, a temp file and a partial manifest line
     (out / MASKED_DIR / "000003.png").write_bytes(b"orphan")
     (out / ORIGINAL_DIR / f".000003.png{TMP_MARK}x").write_bytes(b"partial")
     with open(out / "manifest.jsonl", "a") as handle:
         handle.write('{"stem": "000003", "sou')
-    summary = run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=6, size=64))
+    summary = run_prepare(PrepareConfig(source=source_dir, num_samples=6, size=64), out)
     records = check_dataset(out, 6, 64)
     assert records[:3] == first
     assert summary.resumed_from == 3 and summary.written == 3 and summary.orphans_removed == 2
-    again = run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=6, size=64))
+    again = run_prepare(PrepareConfig(source=source_dir, num_samples=6, size=64), out)
     assert again.written == 0 and read_manifest(out) == records
     with pytest.raises(UnmaskError, match="other settings"):
-        run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=6, size=128))
+        run_prepare(PrepareConfig(source=source_dir, num_samples=6, size=128), out)
     # the same source folder spelled as a relative path is the same setting
     relative = Path(os.path.relpath(source_dir))
     assert not relative.is_absolute()
-    assert run_prepare(PrepareOptions(out=out, source=relative, num_samples=6, size=64)).written == 0
+    assert run_prepare(PrepareConfig(source=relative, num_samples=6, size=64), out).written == 0
     other = tmp_path / "other"
     other.mkdir()
     first_photo = sorted(source_dir.iterdir())[0]
     (other / first_photo.name).write_bytes(first_photo.read_bytes())
     with pytest.raises(UnmaskError, match="other settings"):
-        run_prepare(PrepareOptions(out=out, source=other, num_samples=6, size=64))
+        run_prepare(PrepareConfig(source=other, num_samples=6, size=64), out)
 
 
 def test_alignment_is_recorded_and_a_resume_keeps_it(tmp_path, source_dir):
     from unmask_cli.data import dataset_alignment
 
     out = tmp_path / "out"
-    run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=2, size=64))
+    run_prepare(PrepareConfig(source=source_dir, num_samples=2, size=64), out)
     assert dataset_alignment(out) == "visible"
     assert all(len(r["eyes"]) == 2 for r in read_manifest(out))  # the eye centres the crops were aligned on
     with pytest.raises(UnmaskError, match="alignment: 'visible' -> 'ffhq'"):
-        run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=4, size=64, alignment="ffhq"))
+        run_prepare(PrepareConfig(source=source_dir, num_samples=4, size=64, alignment="ffhq"), out)
     # a folder prepared before alignments were recorded holds ffhq crops: a visible resume is refused
     settings = json.loads((out / "prepare.json").read_text())
     del settings["settings"]["alignment"]
     (out / "prepare.json").write_text(json.dumps(settings))
     assert dataset_alignment(out) == "ffhq"
     with pytest.raises(UnmaskError, match="alignment: 'ffhq' -> 'visible'"):
-        run_prepare(PrepareOptions(out=out, source=source_dir, num_samples=4, size=64))
-    legacy = run_prepare(PrepareOptions(out=tmp_path / "legacy", source=source_dir, num_samples=2, size=64,
-                                        alignment="ffhq", detector="hog"))
+        run_prepare(PrepareConfig(source=source_dir, num_samples=4, size=64), out)
+    legacy = run_prepare(PrepareConfig(source=source_dir, num_samples=2, size=64, alignment="ffhq", detector="hog"), tmp_path / "legacy")
     assert legacy.written == 2 and dataset_alignment(tmp_path / "legacy") == "ffhq"
     assert "eyes" not in read_manifest(tmp_path / "legacy")[0]
     with pytest.raises(UnmaskError, match="unknown alignment 'mouth'"):
-        run_prepare(PrepareOptions(out=tmp_path / "bad", source=source_dir, alignment="mouth"))
+        run_prepare(PrepareConfig(source=source_dir, alignment="mouth"), tmp_path / "bad")
 
 
 def test_deterministic(tmp_path, source_dir):
-    a = run_prepare(PrepareOptions(out=tmp_path / "a", source=source_dir, num_samples=4, size=64, workers=1))
-    b = run_prepare(PrepareOptions(out=tmp_path / "b", source=source_dir, num_samples=4, size=64, workers=2))
+    a = run_prepare(PrepareConfig(source=source_dir, num_samples=4, size=64, workers=1), tmp_path / "a")
+    b = run_prepare(PrepareConfig(source=source_dir, num_samples=4, size=64, workers=2), tmp_path / "b")
     assert a.total == b.total == 4
     for sub in (ORIGINAL_DIR, MASKED_DIR, MASK_DIR):
         for i in range(4):
@@ -161,18 +161,18 @@ def test_deterministic(tmp_path, source_dir):
 
 def test_source_errors(tmp_path):
     with pytest.raises(UnmaskError, match="source folder not found"):
-        run_prepare(PrepareOptions(out=tmp_path / "o", source=tmp_path / "missing"))
+        run_prepare(PrepareConfig(source=tmp_path / "missing"), tmp_path / "o")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UnmaskError, match="source folder is empty"):
-        run_prepare(PrepareOptions(out=tmp_path / "o", source=tmp_path / "empty"))
+        run_prepare(PrepareConfig(source=tmp_path / "empty"), tmp_path / "o")
     (tmp_path / "noface").mkdir()
     (tmp_path / "noface" / "a.jpg").write_text("x")
     with pytest.raises(UnmaskError, match="no usable face"):
-        run_prepare(PrepareOptions(out=tmp_path / "o2", source=tmp_path / "noface"))
+        run_prepare(PrepareConfig(source=tmp_path / "noface"), tmp_path / "o2")
     with pytest.raises(UnmaskError, match="inside the source"):
-        run_prepare(PrepareOptions(out=tmp_path / "noface" / "out", source=tmp_path / "noface"))
+        run_prepare(PrepareConfig(source=tmp_path / "noface"), tmp_path / "noface" / "out")
     with pytest.raises(UnmaskError, match="unknown mask type"):
-        run_prepare(PrepareOptions(out=tmp_path / "o3", mask_types="rect,balaclava"))
+        run_prepare(PrepareConfig(mask_types="rect,balaclava"), tmp_path / "o3")
 
 
 def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -213,13 +213,12 @@ def test_kill_and_rerun_gives_exact_count(tmp_path):
 
 def test_shared_faces_group_photos(tmp_path, shared_faces):
     out = tmp_path / "shared"
-    summary = run_prepare(PrepareOptions(out=out, source=shared_faces, num_samples=40, size=256, workers=2))
+    summary = run_prepare(PrepareConfig(source=shared_faces, num_samples=40, size=256, workers=2), out)
     records = check_dataset(out, 40, 256)
     assert summary.faces == 13 and not summary.skipped  # one face per photo, the 63 px face included
     groups = [r for r in records if r["source"] in ("obama_and_biden.jpg", "two_people.jpg") and not r["reused"]]
     assert len(groups) == 2
-    summary_all = run_prepare(PrepareOptions(out=tmp_path / "all", source=shared_faces, num_samples=16, size=64,
-                                             all_faces=True))
+    summary_all = run_prepare(PrepareConfig(source=shared_faces, num_samples=16, size=64, all_faces=True), tmp_path / "all")
     assert summary_all.faces == 16  # 13 photos, +2 and +1 extra faces in the group photos
     json.loads((tmp_path / "all" / "prepare.json").read_text())["summary"]
 

@@ -19,15 +19,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from unmask_cli.checkpoints import build_networks_from_checkpoint, load_checkpoint, save_checkpoint
+from unmask_cli.checkpoints import Checkpoint, build_networks_from_checkpoint
 from unmask_cli.config import load_config
 from unmask_cli.data import PairedDataset
 from unmask_cli.device import DeviceSetup, setup_device
 from unmask_cli.errors import UnmaskError
 from unmask_cli.fileio import TMP_MARK, read_image, write_image
-from unmask_cli.losses import GeneratorLoss
-from unmask_cli.models import build_networks, composite, generator_input
-from unmask_cli.training import METRIC_FIELDS, read_metrics, train, train_step
+from unmask_cli.models import composite, generator_input
+from unmask_cli.training import METRIC_FIELDS, TrainHooks, build_state, read_metrics, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,8 +87,8 @@ def quiet() -> Console:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """Every network's tensors, and the EMA of G's when the run keeps one."""
-    ckpt = load_checkpoint(path)
-    nets = {**ckpt["networks"], **({"G_ema": ckpt["ema"]["G"]} if "ema" in ckpt else {})}
+    ckpt = Checkpoint.load(path)
+    nets = {**ckpt.networks, **({"G_ema": ckpt.ema["G"]} if ckpt.ema is not None else {})}
     return {f"{net}.{k}": v for net, sd in nets.items() for k, v in sd.items()}
 
 
@@ -114,28 +113,21 @@ def _batch(root: Path, n: int) -> dict:
     return {k: torch.stack([ds[i][k] for i in range(n)]) for k in ("masked", "mask", "original")}
 
 
-def _step_parts(cfg):
-    torch.manual_seed(0)
-    nets = build_networks(cfg)
-    betas = (cfg.train.beta1, cfg.train.beta2)
-    optimizers = {
-        "G": torch.optim.Adam(nets["G"].parameters(), cfg.train.lr_g, betas=betas),
-        "D": torch.optim.Adam([*nets["D_whole"].parameters(), *nets["D_mask"].parameters()], cfg.train.lr_d,
-                              betas=betas),
-        "M": torch.optim.Adam(nets["M"].parameters(), cfg.train.lr_g, betas=betas),
-    }
-    dev = setup_device("cpu")
-    return nets, optimizers, dev.grad_scaler(), dev, GeneratorLoss(cfg.loss, None)
+def _step_parts(cfg, dev: DeviceSetup | None = None):
+    """The training state exactly as a run builds it (seeded networks, optimizers, losses, scaler)."""
+    dev = dev or setup_device("cpu")
+    return build_state(cfg, dev), dev
 
 
 def test_discriminators_see_whole_image_and_composite(data_root):
     cfg = cfg_with("loss.lambda_perc=0")
-    nets, optimizers, scaler, dev, gen_loss = _step_parts(cfg)
+    state, dev = _step_parts(cfg)
+    nets = state.nets
     batch = _batch(data_root, 2)
     seen: dict[str, list] = {"G": [], "D_whole": [], "D_mask": []}
     for name in seen:
         nets[name].register_forward_hook(lambda m, i, o, name=name: seen[name].append((i[0].detach(), o.detach())))
-    train_step(batch, nets, optimizers, scaler, dev, gen_loss, cfg.loss.lambda_map)
+    train_step(batch, state, dev)
     assert len(seen["G"]) == 1
     g_in, generated = seen["G"][0]
     assert torch.equal(g_in, generator_input(batch["masked"], batch["mask"]))
@@ -157,12 +149,13 @@ def test_discriminators_see_whole_image_and_composite(data_root):
 @pytest.mark.parametrize("zeroed", [("whole", "mask"), ("mask",)])
 def test_discriminator_with_zero_adversarial_weight_is_not_trained(data_root, zeroed):
     cfg = cfg_with("loss.lambda_perc=0", *(f"loss.lambda_adv_{name}=0" for name in zeroed))
-    nets, optimizers, scaler, dev, gen_loss = _step_parts(cfg)
+    state, dev = _step_parts(cfg)
+    nets = state.nets
     before = {name: {k: v.clone() for k, v in nets[name].state_dict().items()} for name in ("D_whole", "D_mask")}
     calls = {"D_whole": 0, "D_mask": 0}
     for name in calls:
         nets[name].register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
-    values = train_step(_batch(data_root, 2), nets, optimizers, scaler, dev, gen_loss, cfg.loss.lambda_map)
+    values = train_step(_batch(data_root, 2), state, dev)
     for name in ("whole", "mask"):
         state = nets[f"D_{name}"].state_dict()
         unchanged = all(torch.equal(state[k], v) for k, v in before[f"D_{name}"].items())
@@ -175,9 +168,9 @@ def test_discriminator_with_zero_adversarial_weight_is_not_trained(data_root, ze
 def test_losses_fall_when_overfitting_eight_images(tmp_path):
     root = make_dataset(tmp_path / "data", n_train=8, n_val=0, seed=1)
     cfg = cfg_with("loss.lambda_perc=0")
-    nets, optimizers, scaler, dev, gen_loss = _step_parts(cfg)
+    state, dev = _step_parts(cfg)
     batch = _batch(root, 8)
-    history = [train_step(batch, nets, optimizers, scaler, dev, gen_loss, 1.0) for _ in range(40)]
+    history = [train_step(batch, state, dev) for _ in range(40)]
     first, last = history[0], history[-1]
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert last["g_l1"] < 0.8 * first["g_l1"], (first["g_l1"], last["g_l1"])
@@ -189,14 +182,12 @@ def test_losses_fall_when_overfitting_eight_images(tmp_path):
 def test_amp_and_channels_last_path_runs_the_same_step_code(data_root):
     """The CUDA switches (autocast fp16 + GradScaler + channels_last) exercised on the CPU: same train_step."""
     cfg = cfg_with("loss.lambda_perc=0")
-    nets, optimizers, _, _, gen_loss = _step_parts(cfg)
-    dev = DeviceSetup(torch.device("cpu"), amp=True, channels_last=True)
-    nets = {name: dev.module(net) for name, net in nets.items()}
-    assert nets["G"].downs[1][1].weight.is_contiguous(memory_format=torch.channels_last)
-    scaler = dev.grad_scaler()
+    state, dev = _step_parts(cfg, DeviceSetup(torch.device("cpu"), amp=True, channels_last=True))
+    assert state.nets["G"].downs[1][1].weight.is_contiguous(memory_format=torch.channels_last)
+    scaler = state.scaler
     assert scaler.is_enabled() and scaler.get_scale() == 2.0**10
     batch = _batch(data_root, 2)
-    history = [train_step(batch, nets, optimizers, scaler, dev, gen_loss, 1.0) for _ in range(8)]
+    history = [train_step(batch, state, dev) for _ in range(8)]
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert history[-1]["g_l1"] < history[0]["g_l1"] and history[-1]["g_total"] < history[0]["g_total"]
     assert scaler.get_scale() > 1
@@ -237,12 +228,13 @@ def test_train_writes_run_folder(tmp_path, data_root):
     assert meta["vgg"] == summary.vgg and meta["device"] == "cpu" and meta["torch"] == torch.__version__
     assert meta["data_root"] == str(data_root.resolve()) and meta["started_at"] and meta["alignment"] == "visible"
 
-    ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["format"] == "unmask-checkpoint" and ckpt["version"] == 1
-    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 6 and ckpt["samples_in_epoch"] == 0
-    assert set(ckpt["networks"]) == {"G", "D_whole", "D_mask", "M"} and set(ckpt["optimizers"]) == {"G", "D", "M"}
-    assert {"torch", "numpy", "python", "cuda"} <= set(ckpt["rng"]) and ckpt["vgg"] == summary.vgg
-    assert ckpt["alignment"] == "visible" and build_networks_from_checkpoint(run / "last.pt").alignment == "visible"
+    raw = torch.load(run / "last.pt", weights_only=True)
+    assert raw["format"] == "unmask-checkpoint" and raw["version"] == 1 and raw["world_size"] == 1
+    ckpt = Checkpoint.load(run / "last.pt")
+    assert ckpt.epoch == 2 and ckpt.global_step == 6 and ckpt.samples_in_epoch == 0
+    assert set(ckpt.networks) == {"G", "D_whole", "D_mask", "M"} and set(ckpt.optimizers) == {"G", "D", "M"}
+    assert {"torch", "numpy", "python", "cuda"} <= set(ckpt.rng) and ckpt.vgg == summary.vgg
+    assert ckpt.alignment == "visible" and build_networks_from_checkpoint(run / "last.pt").alignment == "visible"
     assert os.path.samefile(run / "last.pt", run / "epoch_002.pt")
 
     text = out.getvalue()  # a non-terminal console: plain lines, no progress-bar redraws
@@ -260,7 +252,7 @@ def test_train_writes_run_folder(tmp_path, data_root):
 def test_a_folder_without_settings_is_taken_as_legacy_ffhq_crops(tmp_path):
     root = make_dataset(tmp_path / "data", n_train=2, n_val=0, alignment=None)
     train(cfg_with("train.epochs=1"), tmp_path / "run", root, device_spec="cpu", console=quiet())
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["alignment"] == "ffhq"
+    assert Checkpoint.load(tmp_path / "run" / "last.pt").alignment == "ffhq"
     assert build_networks_from_checkpoint(tmp_path / "run" / "last.pt").alignment == "ffhq"
     (root / "prepare.json").write_text('{"settings": {"alignment": "visible"}}')  # now visible-aligned data
     with pytest.raises(UnmaskError, match="trained on faces with the 'ffhq' alignment, but .* holds 'visible'"):
@@ -270,11 +262,11 @@ def test_a_folder_without_settings_is_taken_as_legacy_ffhq_crops(tmp_path):
 def test_checkpoint_round_trip_and_model_rebuild(tmp_path, data_root):
     run = tmp_path / "run"
     train(cfg_with("train.epochs=1", "model.dropout=0.5"), run, data_root, device_spec="cpu", console=quiet())
-    ckpt = load_checkpoint(run / "last.pt")
+    ckpt = Checkpoint.load(run / "last.pt")
     copy = tmp_path / "copy.pt"
-    save_checkpoint(copy, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
-    again = load_checkpoint(copy)
-    assert again.keys() == ckpt.keys()
+    ckpt.save(copy)
+    again = Checkpoint.load(copy)
+    assert again.config == ckpt.config and again.epoch_stats == ckpt.epoch_stats and again.rng.keys() == ckpt.rng.keys()
     assert_bitwise_equal(weights(run / "last.pt"), weights(copy))
     umask = os.umask(0)
     os.umask(umask)
@@ -297,7 +289,7 @@ def test_bad_checkpoint_files_give_one_line_errors(tmp_path, data_root):
 
     def error_of(path: Path) -> str:
         with pytest.raises(UnmaskError) as info:
-            load_checkpoint(path)
+            Checkpoint.load(path)
         text = str(info.value)
         assert "\n" not in text and str(path) in text
         return text
@@ -338,9 +330,9 @@ def test_bad_checkpoint_files_give_one_line_errors(tmp_path, data_root):
     with pytest.raises(UnmaskError, match="model.ngf=8 in the checkpoint, 16 now"):
         train(cfg_with("train.epochs=2", "loss.lambda_perc=0", "model.ngf=16"), run, data_root, device_spec="cpu",
               console=quiet())
-    ckpt = load_checkpoint(run / "last.pt")
-    ckpt["config"]["model"]["ngf"] = 16
-    save_checkpoint(tmp_path / "mismatch.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    ckpt = Checkpoint.load(run / "last.pt")
+    ckpt.config["model"]["ngf"] = 16
+    ckpt.save(tmp_path / "mismatch.pt")
     with pytest.raises(UnmaskError) as info:
         build_networks_from_checkpoint(tmp_path / "mismatch.pt")
     assert "does not match the network 'G'" in str(info.value) and "\n" not in str(info.value)
@@ -363,24 +355,20 @@ def test_unreadable_sample_is_a_one_line_error(tmp_path, workers):
 
 # ----------------------------------------------------------------------------------------- resume
 
-def _signal_after(monkeypatch, calls: int, signum: int) -> None:
-    """Deliver ``signum`` to this process during the ``calls``-th training step (like a Ctrl-C/kill)."""
-    import unmask_cli.training as training
+class SignalAt(TrainHooks):
+    """Deliver ``signum`` to this process as the ``calls``-th training step starts (like a Ctrl-C/kill)."""
 
-    real_step = training.train_step
-    count = {"n": 0}
+    def __init__(self, calls: int, signum: int):
+        self.calls, self.signum, self.count = calls, signum, 0
 
-    def step(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] == calls:
-            os.kill(os.getpid(), signum)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_step", step)
+    def step_started(self, trainer) -> None:
+        self.count += 1
+        if self.count == self.calls:
+            os.kill(os.getpid(), self.signum)
 
 
 @pytest.mark.parametrize("how", ["sigint-mid-epoch", "sigterm-mid-epoch", "epoch-boundary"])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, data_root, monkeypatch, how):
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, data_root, how):
     # 6 training images, batch 2 -> 3 steps per epoch, 3 epochs; dropout, the VGG term and the EMA are on
     overrides = ("train.epochs=3", "model.dropout=0.5", "train.ema_decay=0.9")
     full = tmp_path / "full"
@@ -393,14 +381,13 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, data_root, monke
         assert first.status == "completed" and first.epochs_done == 1
     else:
         signum = signal.SIGINT if how == "sigint-mid-epoch" else signal.SIGTERM
-        with monkeypatch.context() as patch:
-            _signal_after(patch, 5, signum)  # the 2nd step of epoch 2
-            previous = signal.getsignal(signum)
-            first = train(cfg_with(*overrides), part, data_root, device_spec="cpu", console=quiet())
-            assert signal.getsignal(signum) is previous  # handlers restored
+        previous = signal.getsignal(signum)
+        first = train(cfg_with(*overrides), part, data_root, device_spec="cpu", console=quiet(),
+                      hooks=SignalAt(5, signum))  # the 2nd step of epoch 2
+        assert signal.getsignal(signum) is previous  # handlers restored
         assert first.status == "interrupted" and first.global_step == 5 and first.epochs_done == 1
-        ckpt = load_checkpoint(part / "last.pt")
-        assert ckpt["epoch"] == 1 and ckpt["samples_in_epoch"] == 4 and ckpt["global_step"] == 5
+        ckpt = Checkpoint.load(part / "last.pt")
+        assert ckpt.epoch == 1 and ckpt.samples_in_epoch == 4 and ckpt.global_step == 5
         assert [r["epoch"] for r in read_metrics(part / "metrics.csv")] == ["1"]
     # a row the checkpoint does not cover (as after a kill between metrics.csv and last.pt) is dropped
     with open(part / "metrics.csv", "a") as handle:
@@ -413,10 +400,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, data_root, monke
     assert resumed.global_step == 9 and resumed.epochs_done == 3
     assert "resuming" in out.getvalue()
     assert_bitwise_equal(weights(full / "last.pt"), weights(part / "last.pt"))
-    full_ckpt, part_ckpt = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
-    assert full_ckpt["ema"]["updates"] == part_ckpt["ema"]["updates"] == 9
+    full_ckpt, part_ckpt = Checkpoint.load(full / "last.pt"), Checkpoint.load(part / "last.pt")
+    assert full_ckpt.ema["updates"] == part_ckpt.ema["updates"] == 9
     for name in ("G", "D", "M"):
-        a, b = full_ckpt["optimizers"][name]["state"], part_ckpt["optimizers"][name]["state"]
+        a, b = full_ckpt.optimizers[name]["state"], part_ckpt.optimizers[name]["state"]
         assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
     assert loss_columns(full / "metrics.csv") == loss_columns(part / "metrics.csv")
     meta = json.loads((part / "meta.json").read_text())
@@ -434,22 +421,19 @@ def test_resume_continues_to_a_raised_epoch_target(tmp_path, data_root):
     assert [r["step"] for r in read_metrics(run / "metrics.csv")] == ["2", "4"]
 
 
-def test_warmup_trains_reconstruction_only_then_every_term(tmp_path, data_root, monkeypatch):
-    from unmask_cli import training
-
+def test_warmup_trains_reconstruction_only_then_every_term(tmp_path, data_root):
     seen = []
-    real_step = training.train_step
 
-    def step(batch, nets, optimizers, scaler, dev, gen_loss, lambda_map):
-        c = gen_loss.cfg
-        seen.append((c.lambda_perc, c.lambda_adv_whole, c.lambda_adv_mask, gen_loss.perceptual is not None))
-        return real_step(batch, nets, optimizers, scaler, dev, gen_loss, lambda_map)
+    class LossesUsed(TrainHooks):
+        def step_started(self, trainer) -> None:
+            loss = trainer.state.gen_loss
+            c = loss.cfg
+            seen.append((c.lambda_perc, c.lambda_adv_whole, c.lambda_adv_mask, loss.perceptual is not None))
 
-    monkeypatch.setattr(training, "train_step", step)
     out = io.StringIO()
     run = tmp_path / "run"  # 3 steps per epoch: epoch 1 and the first step of epoch 2 are warm-up
     summary = train(cfg_with("train.epochs=3", "loss.warmup_steps=4"), run, data_root, device_spec="cpu",
-                    console=Console(file=out, force_terminal=False, width=200))
+                    console=Console(file=out, force_terminal=False, width=200), hooks=LossesUsed())
     assert summary.status == "completed" and summary.global_step == 9
     assert seen == [(0.0, 0.0, 0.0, False)] * 4 + [(1.0, 1.0, 1.0, True)] * 5
     rows = read_metrics(run / "metrics.csv")
@@ -459,29 +443,22 @@ def test_warmup_trains_reconstruction_only_then_every_term(tmp_path, data_root, 
     assert "steps 1..4 train on L1 + SSIM only" in text and "step 4: warm-up done" in text
 
     seen.clear()  # resuming after the warm-up does not repeat it
-    train(cfg_with("train.epochs=4", "loss.warmup_steps=4"), run, data_root, device_spec="cpu", console=quiet())
+    train(cfg_with("train.epochs=4", "loss.warmup_steps=4"), run, data_root, device_spec="cpu", console=quiet(),
+          hooks=LossesUsed())
     assert seen == [(1.0, 1.0, 1.0, True)] * 3
 
 
-def test_ema_averages_every_step_after_its_start_resumes_and_is_what_eval_loads(tmp_path, data_root,
-                                                                                monkeypatch):
-    from unmask_cli import training
-
+def test_ema_averages_every_step_after_its_start_resumes_and_is_what_eval_loads(tmp_path, data_root):
     after_step = []  # G's weights and BatchNorm statistics after every step
     validated = []  # the generator weights each validation scored
-    real_step, real_validate = training.train_step, training.validate
 
-    def step(batch, nets, *args):
-        values = real_step(batch, nets, *args)
-        after_step.append({k: v.detach().clone() for k, v in nets["G"].state_dict().items()})
-        return values
+    class Watch(TrainHooks):
+        def step_done(self, trainer, values) -> None:
+            after_step.append({k: v.detach().clone() for k, v in trainer.state.nets["G"].state_dict().items()})
 
-    def validate(nets, *args):
-        validated.append({k: v.clone() for k, v in nets["G"].state_dict().items()})
-        return real_validate(nets, *args)
+        def validating(self, trainer, G) -> None:
+            validated.append({k: v.clone() for k, v in G.state_dict().items()})
 
-    monkeypatch.setattr(training, "train_step", step)
-    monkeypatch.setattr(training, "validate", validate)
     decay = 0.8
 
     def expected_ema(start: dict | None, snapshots: list[dict]) -> dict:
@@ -501,39 +478,39 @@ def test_ema_averages_every_step_after_its_start_resumes_and_is_what_eval_loads(
     out = io.StringIO()
     overrides = ("loss.lambda_perc=0", f"train.ema_decay={decay}", "train.ema_start=3")
     summary = train(cfg_with("train.epochs=2", *overrides), run, data_root, device_spec="cpu",
-                    console=Console(file=out, force_terminal=False, width=200))
+                    console=Console(file=out, force_terminal=False, width=200), hooks=Watch())
     assert summary.global_step == 6 and "EMA of G: decay 0.8 from step 4" in out.getvalue()
-    ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["ema"]["decay"] == decay and ckpt["ema"]["updates"] == 3
+    ckpt = Checkpoint.load(run / "last.pt")
+    assert ckpt.ema["decay"] == decay and ckpt.ema["updates"] == 3
     wanted = expected_ema(None, after_step[3:])
-    check(ckpt["ema"]["G"], wanted)
+    check(ckpt.ema["G"], wanted)
     check(validated[0], after_step[2])
     check(validated[1], wanted)
-    raw = ckpt["networks"]["G"]
-    assert any(not torch.allclose(ckpt["ema"]["G"][k], raw[k]) for k in raw if raw[k].is_floating_point())
+    raw = ckpt.networks["G"]
+    assert any(not torch.allclose(ckpt.ema["G"][k], raw[k]) for k in raw if raw[k].is_floating_point())
     assert build_networks_from_checkpoint(run / "epoch_002.pt").weights == "EMA of G (decay 0.8, 3 updates)"
 
     model = build_networks_from_checkpoint(run / "last.pt")  # eval and infer load the average...
     assert model.weights == "EMA of G (decay 0.8, 3 updates)"
-    assert all(torch.equal(v, ckpt["ema"]["G"][k]) for k, v in model.G.state_dict().items())
+    assert all(torch.equal(v, ckpt.ema["G"][k]) for k, v in model.G.state_dict().items())
     plain = build_networks_from_checkpoint(run / "last.pt", ema=False)  # ... or, asked, G's own weights
     assert plain.weights == "G (its EMA not used)"
     assert all(torch.equal(v, raw[k]) for k, v in plain.G.state_dict().items())
 
     # resuming continues the same average (3 more steps)
-    saved_ema = {k: v.clone() for k, v in ckpt["ema"]["G"].items()}
+    saved_ema = {k: v.clone() for k, v in ckpt.ema["G"].items()}
     first_run = len(after_step)
-    train(cfg_with("train.epochs=3", *overrides), run, data_root, device_spec="cpu", console=quiet())
-    ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["ema"]["updates"] == 6
+    train(cfg_with("train.epochs=3", *overrides), run, data_root, device_spec="cpu", console=quiet(), hooks=Watch())
+    ckpt = Checkpoint.load(run / "last.pt")
+    assert ckpt.ema["updates"] == 6
     wanted = expected_ema(saved_ema, after_step[first_run:])
-    check(ckpt["ema"]["G"], wanted)
+    check(ckpt.ema["G"], wanted)
     check(validated[-1], wanted)
 
     # a checkpoint saved before the average started is scored with G
     early = tmp_path / "early"
     train(cfg_with("train.epochs=1", *overrides), early, data_root, device_spec="cpu", console=quiet())
-    assert load_checkpoint(early / "last.pt")["ema"]["updates"] == 0
+    assert Checkpoint.load(early / "last.pt").ema["updates"] == 0
     assert build_networks_from_checkpoint(early / "last.pt").weights == "G (its EMA has not started)"
 
     # a run without EMA (the paper) stores none, and says so when it drops a checkpoint's average
@@ -541,7 +518,8 @@ def test_ema_averages_every_step_after_its_start_resumes_and_is_what_eval_loads(
     train(cfg_with("train.epochs=4", "loss.lambda_perc=0"), run, data_root, device_spec="cpu",
           console=Console(file=out, force_terminal=False, width=200))
     assert "EMA weights are dropped" in out.getvalue()
-    assert "ema" not in load_checkpoint(run / "last.pt")
+    assert Checkpoint.load(run / "last.pt").ema is None
+    assert "ema" not in torch.load(run / "last.pt", weights_only=True)
     assert build_networks_from_checkpoint(run / "last.pt").weights == "G"
 
 
@@ -578,7 +556,7 @@ def test_sigkill_then_rerun_resumes(tmp_path, workers):
     finally:
         child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
-    killed_at = load_checkpoint(run / "last.pt")["epoch"]
+    killed_at = Checkpoint.load(run / "last.pt").epoch
     assert 1 <= killed_at < 6
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,26 +1,9 @@
-"""Training checkpoints: atomic writes, safe loading (``weights_only=True`` always), exact-resume state.
+"""Training checkpoints: one typed :class:`Checkpoint`, written and read here only; atomic writes, safe
+loading (``weights_only=True`` always), exact-resume state.
 
-A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts only)::
-
-    format, version         "unmask-checkpoint", 1
-    epoch                   completed epochs
-    samples_in_epoch        samples of epoch ``epoch`` (0-based) already trained on; 0 at an epoch end,
-                            > 0 when the run was stopped (Ctrl-C / SIGTERM) at a batch boundary
-    global_step             optimizer steps so far
-    best_psnr, best_epoch   best validation PSNR (composite, whole image; of the EMA weights when on) so far
-    epoch_stats             running loss sums of the unfinished epoch (empty at an epoch end)
-    config                  Config.to_dict() of the run
-    vgg                     description of the VGG16 weights of the perceptual loss
-    alignment               how the training faces were aligned (unmask_cli.faces.ALIGNMENTS); infer aligns
-                            photos the same way. Missing in checkpoints from before it was recorded: those
-                            were trained on the legacy ``ffhq`` alignment
-    networks                state dicts: G, D_whole, D_mask (and M)
-    ema                     only with ``train.ema_decay`` > 0: {decay, updates, G}, the moving average of G's
-                            weights and BatchNorm buffers; once updates > 0 eval and infer use it, not
-                            networks.G
-    optimizers              state dicts: G, D (both discriminators), M
-    scaler                  torch.amp.GradScaler state (empty when AMP is off)
-    rng                     torch / cuda / numpy / python random states
+On disk a checkpoint is a plain dict (tensors, numbers, strings, lists, dicts only) of the fields of
+:class:`Checkpoint` plus ``format`` ("unmask-checkpoint") and ``version``. Files written before a field
+existed load with its default: no ``alignment`` means the legacy ``ffhq``, no ``world_size`` means 1.
 """
 
 from __future__ import annotations
@@ -32,7 +15,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +29,83 @@ from unmask_cli.fileio import TMP_MARK, atomic_output, file_mode
 FORMAT = "unmask-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("epoch", "global_step", "config", "networks")
-ARCH_KEYS = ("ngf", "ndf", "max_mult", "d_layers", "map_module", "nmf")  # model.* keys that change weights
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to continue exactly, and eval/infer need to rebuild its networks."""
+
+    config: dict  # Config.to_dict() of the run
+    networks: dict  # state dicts: G, D_whole, D_mask (and M)
+    epoch: int = 0  # completed epochs
+    # samples of epoch ``epoch`` (0-based) already trained on, over all processes: 0 at an epoch end, > 0
+    # when the run was stopped (Ctrl-C / SIGTERM) at a batch boundary
+    samples_in_epoch: int = 0
+    global_step: int = 0  # optimizer steps so far
+    best_psnr: float | None = None  # best validation PSNR (composite, whole image; the EMA's when on)
+    best_epoch: int | None = None
+    epoch_stats: dict = field(default_factory=dict)  # running loss sums of the unfinished epoch
+    vgg: str = "unknown"  # the VGG16 weights of the perceptual loss
+    # how the training faces were aligned (unmask_cli.faces.ALIGNMENTS); infer aligns photos the same way.
+    # Files from before it was recorded were trained on the legacy alignment.
+    alignment: str = "ffhq"
+    optimizers: dict = field(default_factory=dict)  # state dicts: G, D (both discriminators), M
+    scaler: dict = field(default_factory=dict)  # torch.amp.GradScaler state (empty when AMP is off)
+    rng: dict = field(default_factory=dict)  # torch / cuda / numpy / python random states (rank 0's)
+    # only with train.ema_decay > 0: {decay, updates, G}, the moving average of G's weights and BatchNorm
+    # buffers; once updates > 0, eval and infer use it instead of networks.G
+    ema: dict | None = None
+    device: str = ""
+    world_size: int = 1  # processes that trained it (torchrun); the global batch is train.batch_size
+    torch_version: str = ""
+    saved_at: str = ""
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """``torch.save`` to a temporary file in the same folder, fsync, rename into place."""
+        path = Path(path)
+        payload = {"format": FORMAT, "version": VERSION,
+                   **{f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+                      or f.name in ("best_psnr", "best_epoch")}}
+        with atomic_output(path, fsync=True, what="cannot write checkpoint") as handle:
+            torch.save(payload, handle)
+        _fsync_dir(path.parent)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+        """Load and check an unmask checkpoint. Always ``weights_only=True``: a file holding code or
+        arbitrary Python objects is refused. Every failure is a one-line :class:`UnmaskError` naming the file."""
+        path = Path(path)
+        raw = safe_torch_load(path, "checkpoint", map_location)
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise UnmaskError("not an unmask checkpoint (no 'unmask-checkpoint' format tag)", path)
+        version = raw.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise UnmaskError(f"checkpoint format version {version!r} is newer than this unmask supports "
+                              f"({VERSION}); upgrade unmask", path)
+        missing = [k for k in REQUIRED_KEYS if k not in raw]
+        if missing:
+            raise UnmaskError(f"incomplete checkpoint (missing {', '.join(missing)})", path)
+        if not isinstance(raw["networks"], dict) or not isinstance(raw["config"], dict):
+            raise UnmaskError("checkpoint entries 'networks' and 'config' must be mappings", path)
+        known = {f.name for f in fields(cls)}
+        ckpt = cls(**{k: v for k, v in raw.items() if k in known})
+        ckpt.alignment = _known_alignment(ckpt.alignment, path)
+        return ckpt
+
+    def model_config(self, path: str | os.PathLike):
+        """The Config stored in the checkpoint (an invalid one is an UnmaskError naming the checkpoint)."""
+        from unmask_cli.config import config_from_dict
+
+        try:
+            return config_from_dict(self.config, where=str(path))
+        except ConfigError as err:
+            raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
+
+    @property
+    def ema_weights(self) -> dict | None:
+        """The ``ema`` entry ({decay, updates, G}) when the checkpoint has one, else None."""
+        return self.ema if isinstance(self.ema, dict) and "G" in self.ema else None
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -65,13 +124,9 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, rename into place."""
-    path = Path(path)
-    payload = {"format": FORMAT, "version": VERSION, **payload}
-    with atomic_output(path, fsync=True, what="cannot write checkpoint") as handle:
-        torch.save(payload, handle)
-    _fsync_dir(path.parent)
-    return path
+    """A :class:`Checkpoint` from a plain dict of its fields, saved (tests and benchmarks that write one)."""
+    known = {f.name for f in fields(Checkpoint)}
+    return Checkpoint(**{k: v for k, v in payload.items() if k in known}).save(path)
 
 
 def publish_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -146,48 +201,25 @@ def safe_torch_load(path: str | os.PathLike, what: str, map_location: str | torc
         raise UnmaskError(f"cannot load {what}: truncated or corrupt file ({first[:160]})", path) from err
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check an unmask checkpoint. Always ``weights_only=True``: a file holding code or arbitrary
-    Python objects is refused. Every failure is a one-line :class:`UnmaskError` naming the file."""
-    path = Path(path)
-    ckpt = safe_torch_load(path, "checkpoint", map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UnmaskError("not an unmask checkpoint (no 'unmask-checkpoint' format tag)", path)
-    version = ckpt.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise UnmaskError(f"checkpoint format version {version!r} is newer than this unmask supports "
-                          f"({VERSION}); upgrade unmask", path)
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise UnmaskError(f"incomplete checkpoint (missing {', '.join(missing)})", path)
-    return ckpt
-
-
-def checkpoint_config(ckpt: dict, path: str | os.PathLike):
-    """The Config stored in a checkpoint (an invalid one is an UnmaskError naming the checkpoint)."""
-    from unmask_cli.config import config_from_dict
-
-    try:
-        return config_from_dict(ckpt["config"], where=str(path))
-    except ConfigError as err:
-        raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
-
-
-def architecture_of(cfg) -> dict[str, Any]:
-    """The settings that decide tensor shapes: image size and network widths/depths."""
-    arch = {"data.image_size": cfg.data.image_size}
-    arch.update({f"model.{k}": getattr(cfg.model, k) for k in ARCH_KEYS})
-    return arch
-
-
-def check_compatible(ckpt: dict, cfg, path: str | os.PathLike) -> None:
+def check_compatible(ckpt: Checkpoint, cfg, path: str | os.PathLike) -> None:
     """Refuse to resume a checkpoint of another architecture or image size (one line, names the keys)."""
-    stored = architecture_of(checkpoint_config(ckpt, path))
-    wanted = architecture_of(cfg)
-    diff = [f"{k}={stored[k]} in the checkpoint, {wanted[k]} now" for k in wanted if stored[k] != wanted[k]]
+    from unmask_cli.config import architecture_keys
+
+    stored, wanted = _flat(ckpt.model_config(path).to_dict()), _flat(cfg.to_dict())
+    diff = [f"{k}={stored[k]} in the checkpoint, {wanted[k]} now" for k in architecture_keys() if stored[k] != wanted[k]]
     if diff:
         raise UnmaskError("checkpoint is for another network/size (" + "; ".join(diff) + "); use the same "
                           "settings, or start a new run with another --name", path)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def load_state(module: nn.Module | Any, state: Any, name: str, path: str | os.PathLike) -> None:
@@ -236,17 +268,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------- eval / inference
 
-def stored_ema(ckpt: dict) -> dict | None:
-    """The checkpoint's ``ema`` entry ({decay, updates, G}) when it has one, else None."""
-    stored = ckpt.get("ema")
-    return stored if isinstance(stored, dict) and "G" in stored else None
+def _known_alignment(alignment: Any, path: str | os.PathLike) -> str:
+    from unmask_cli.faces import ALIGNMENTS
 
-
-def stored_alignment(ckpt: dict, path: str | os.PathLike) -> str:
-    """The alignment a checkpoint's training data used; the legacy one when it records none."""
-    from unmask_cli.faces import ALIGNMENTS, LEGACY_ALIGNMENT
-
-    alignment = ckpt.get("alignment", LEGACY_ALIGNMENT)
     if alignment not in ALIGNMENTS:
         raise UnmaskError(f"checkpoint was trained on faces aligned with '{alignment}', which this unmask does "
                           f"not know ({', '.join(ALIGNMENTS)}); upgrade unmask", path)
@@ -274,33 +298,41 @@ def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.
     """Rebuild G (and the map module M, if the run had one) from the stored config, load the weights
     (strict), move them to ``device`` and switch to eval mode. G gets the EMA weights when the checkpoint
     has them (``train.ema_decay`` > 0) unless ``ema`` is False."""
-    from unmask_cli.models import MapModule, UNetGenerator
+    from unmask_cli.models import build_generator, build_map_module
 
     path = Path(path)
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt, path)
-    nets = ckpt["networks"]
-    if not isinstance(nets, dict) or "G" not in nets:
+    ckpt = Checkpoint.load(path)
+    cfg = ckpt.model_config(path)
+    nets = ckpt.networks
+    if "G" not in nets:
         raise UnmaskError("checkpoint has no generator weights", path)
-    m, size = cfg.model, cfg.data.image_size
     try:
-        G = UNetGenerator(4, 3, m.ngf, size, m.max_mult, m.dropout)
-        M = MapModule(3, m.nmf, size, m.max_mult) if m.map_module and "M" in nets else None
+        G = build_generator(cfg)
+        M = build_map_module(cfg) if cfg.model.map_module and "M" in nets else None
     except ConfigError as err:
         raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
-    stored = stored_ema(ckpt)
-    started = stored is not None and int(stored.get("updates", 0)) > 0
-    if ema and started:
-        load_state(G, stored["G"], "G (EMA)", path)
-        weights = f"EMA of G (decay {stored.get('decay', 0):g}, {int(stored.get('updates', 0))} updates)"
-    else:
-        load_state(G, nets["G"], "G", path)
-        weights = "G (its EMA not used)" if started else ("G (its EMA has not started)" if stored else "G")
+    weights = _load_generator(G, ckpt, ema, path)
     if M is not None:
         load_state(M, nets["M"], "M", path)
     device = torch.device(device)
     G = G.to(device).eval()
     M = M.to(device).eval() if M is not None else None
-    return TrainedModel(G=G, M=M, config=cfg, image_size=size, epoch=int(ckpt["epoch"]),
-                        global_step=int(ckpt["global_step"]), vgg=str(ckpt.get("vgg", "unknown")), path=path,
-                        weights=weights, alignment=stored_alignment(ckpt, path))
+    return TrainedModel(G=G, M=M, config=cfg, image_size=cfg.data.image_size, epoch=int(ckpt.epoch),
+                        global_step=int(ckpt.global_step), vgg=str(ckpt.vgg), path=path, weights=weights,
+                        alignment=ckpt.alignment)
+
+
+def _load_generator(G: nn.Module, ckpt: Checkpoint, ema: bool, path: Path) -> str:
+    """Load G's weights (the EMA's when it has started and ``ema``); returns which ones, in words."""
+    stored = ckpt.ema_weights
+    started = stored is not None and int(stored.get("updates", 0)) > 0
+    if ema and started:
+        load_state(G, stored["G"], "G (EMA)", path)
+        return f"EMA of G (decay {stored.get('decay', 0):g}, {int(stored.get('updates', 0))} updates)"
+    load_state(G, ckpt.networks["G"], "G", path)
+    return "G (its EMA not used)" if started else ("G (its EMA has not started)" if stored else "G")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:  # TEMPORARY: until the eval/infer tests move
+    ckpt = Checkpoint.load(path)
+    return {f.name: getattr(ckpt, f.name) for f in fields(ckpt) if getattr(ckpt, f.name) is not None}

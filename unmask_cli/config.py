@@ -76,7 +76,9 @@ class ModelConfig:
     d_layers: int = 3  # PatchGAN strided layers
     map_module: bool = True  # learn the mask-map module alongside the GAN
     nmf: int = 32  # map-module base width
-    dropout: float = 0.0  # dropout in the 3 innermost generator decoders (pix2pix uses 0.5); 0 = off
+    # dropout in the 3 innermost generator decoders (pix2pix uses 0.5); 0 = off. It changes no weight shape,
+    # so a checkpoint resumes with another value.
+    dropout: float = field(default=0.0, metadata={"shapes": False})
 
 
 @dataclass
@@ -99,6 +101,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    runs: str = "runs"  # folder of the run folders
+    name: str | None = None  # run folder RUNS/NAME; None = the config file's stem ("default" without one)
     epochs: int = 100
     batch_size: int = 16
     lr_g: float = 1e-4
@@ -154,6 +158,13 @@ class InferConfig:
     detector: str = "yunet"  # unmask_cli.faces.DETECTORS; faces are aligned the way the checkpoint's data was
     overwrite: bool = False  # redo outputs that exist (default: skip them, so reruns resume)
     fold_bn: bool = True  # fold BatchNorm into the convolutions (same outputs within 1e-4, faster)
+
+
+def architecture_keys() -> tuple[str, ...]:
+    """The config keys that decide tensor shapes: the image size and every model.* key except those whose
+    field says ``metadata={"shapes": False}``. A checkpoint resumes only under the same values."""
+    model = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.metadata.get("shapes", True)]
+    return ("data.image_size", *model)
 
 
 @dataclass

@@ -177,6 +177,15 @@ def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
     return module
 
 
+def build_generator(cfg) -> UNetGenerator:
+    """G of ``cfg`` (masked RGB + map in, RGB out): training and every checkpoint loader build it here."""
+    return UNetGenerator(4, 3, cfg.model.ngf, cfg.data.image_size, cfg.model.max_mult, cfg.model.dropout)
+
+
+def build_map_module(cfg) -> MapModule:
+    return MapModule(3, cfg.model.nmf, cfg.data.image_size, cfg.model.max_mult)
+
+
 def build_networks(cfg) -> dict[str, nn.Module]:
     """``G``, ``D_whole``, ``D_mask`` (and ``M`` when ``cfg.model.map_module``), initialised, on the CPU."""
     m, size = cfg.model, cfg.data.image_size
@@ -184,12 +193,12 @@ def build_networks(cfg) -> dict[str, nn.Module]:
         deepest = max(1, int(math.log2(size)) - 2)
         raise ConfigError(f"model.d_layers={m.d_layers} is too deep for {size} px images (at most {deepest})")
     nets: dict[str, nn.Module] = {
-        "G": UNetGenerator(4, 3, m.ngf, size, m.max_mult, m.dropout),
+        "G": build_generator(cfg),
         "D_whole": PatchDiscriminator(3, m.ndf, m.d_layers, m.max_mult),
         "D_mask": PatchDiscriminator(3, m.ndf, m.d_layers, m.max_mult),
     }
     if m.map_module:
-        nets["M"] = MapModule(3, m.nmf, size, m.max_mult)
+        nets["M"] = build_map_module(cfg)
     for net in nets.values():
         init_weights(net)
     return nets

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from unmask_cli import samples
+from unmask_cli.config import PrepareConfig
 from unmask_cli.data import (
     ORIGINAL_DIR,
     SETTINGS_FILE,
@@ -37,28 +38,7 @@ from unmask_cli.errors import BadInput, UnmaskError
 from unmask_cli.faces import LEGACY_ALIGNMENT, check_alignment, check_detector
 from unmask_cli.fileio import atomic_write_bytes, atomic_write_text, ensure_dir, list_files, remove_temp_files
 
-BUILTIN_DEFAULT_SAMPLES = 256
 BUILTIN_VARIANTS = 48  # distinct augmented photos of the built-in portraits
-
-
-@dataclass
-class PrepareOptions:
-    out: Path
-    source: Path | None = None  # None = built-in sample portraits
-    num_samples: int = 10000
-    size: int = 256
-    workers: int = 1
-    seed: int = 0
-    mask_types: str = "rect,oval"
-    all_faces: bool = False
-    min_face: int = 32
-    upsample: int = 1
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
-    landmarks_path: str | None = None
-    recursive: bool = False
-    detector: str = "yunet"  # unmask_cli.faces.DETECTORS
-    alignment: str = "visible"  # unmask_cli.faces.ALIGNMENTS; recorded, and used again by infer
 
 
 @dataclass
@@ -182,7 +162,7 @@ def _process_reuse(task: tuple) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _source_items(opts: PrepareOptions) -> list[tuple[str, str | None]]:
+def _source_items(opts: PrepareConfig) -> list[tuple[str, str | None]]:
     if opts.source is None:
         return [(key, None) for key in samples.sample_keys(BUILTIN_VARIANTS)]
     source = Path(opts.source)
@@ -225,7 +205,7 @@ def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
         raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err
 
 
-def _settings(opts: PrepareOptions) -> dict:
+def _settings(opts: PrepareConfig) -> dict:
     return {"size": opts.size, "seed": opts.seed, "mask_types": opts.mask_types, "all_faces": opts.all_faces,
             "alignment": opts.alignment, "detector": opts.detector,
             "source": str(Path(opts.source).resolve()) if opts.source else "builtin",
@@ -233,7 +213,7 @@ def _settings(opts: PrepareOptions) -> dict:
             "test_fraction": opts.test_fraction}
 
 
-def _check_resume(root: Path, opts: PrepareOptions, have: int) -> None:
+def _check_resume(root: Path, opts: PrepareConfig, have: int) -> None:
     path = root / SETTINGS_FILE
     if not path.exists() or have == 0:
         return
@@ -292,100 +272,118 @@ class _Pool:
             self.pool.join()
 
 
-def run_prepare(opts: PrepareOptions, progress=None) -> PrepareSummary:
-    """Run (or resume) dataset synthesis. ``progress`` is a rich Progress (optional)."""
-    from unmask_cli.masks import parse_mask_types
-
-    weights = parse_mask_types(opts.mask_types)
-    check_detector(opts.detector)
-    check_alignment(opts.alignment)
-    if opts.num_samples < 1:
-        raise UnmaskError("--num-samples must be >= 1")
-    if opts.workers < 1:
-        raise UnmaskError("--workers must be >= 1")
-    items = _source_items(opts)
-    root = Path(opts.out)
+def _check_job(pc: PrepareConfig, root: Path) -> None:
+    check_detector(pc.detector)
+    check_alignment(pc.alignment)
     if root.exists() and not root.is_dir():
         raise UnmaskError("output exists and is not a folder", root)
-    if opts.source is not None and root.resolve().is_relative_to(Path(opts.source).resolve()):
+    if pc.source is not None and root.resolve().is_relative_to(Path(pc.source).resolve()):
         raise UnmaskError("output folder must not be inside the source folder", root)
-    for sub in SUBDIRS:
-        ensure_dir(root / sub)
 
-    start = time.perf_counter()
-    records = read_manifest(root, repair=True)
-    _check_resume(root, opts, len(records))
-    summary = PrepareSummary(out=str(root), requested=opts.num_samples, resumed_from=len(records))
-    summary.orphans_removed = _clean_orphans(root, records)
-    atomic_write_text(root / SETTINGS_FILE, json.dumps({"settings": _settings(opts), "status": "running"}, indent=2))
-    skipped = _read_skipped(root)
-    done_sources = {r["source"] for r in records}
-    pending = [(k, p) for k, p in items if k not in done_sources and k not in skipped]
 
-    task = progress.add_task("prepare", total=opts.num_samples, completed=min(len(records), opts.num_samples)) \
-        if progress is not None else None
+class _Writer:
+    """The main process's side: names samples in source order, writes their files atomically, then the
+    manifest line (a sample exists once that line is written), and keeps the summary."""
 
-    def commit(result: dict) -> bool:
-        """Write one source's samples; True when the target count is reached."""
+    def __init__(self, pc: PrepareConfig, root: Path, progress):
+        self.pc, self.root, self.target = pc, root, pc.samples()
+        self.records = read_manifest(root, repair=True)
+        _check_resume(root, pc, len(self.records))
+        self.summary = PrepareSummary(out=str(root), requested=self.target, resumed_from=len(self.records))
+        self.summary.orphans_removed = _clean_orphans(root, self.records)
+        self.skipped = _read_skipped(root)
+        self.progress = progress
+        self.task = progress.add_task("prepare", total=self.target, completed=min(len(self.records), self.target)) \
+            if progress is not None else None
+
+    @property
+    def full(self) -> bool:
+        return len(self.records) >= self.target
+
+    def commit(self, result: dict) -> bool:
+        """Write one source's samples (or its skip row); True when the target count is reached."""
         if "skip" in result:
             reason, detail = result["skip"]
-            _append_skipped(root, result["key"], reason, detail)
-            skipped[result["key"]] = (reason, detail)
+            _append_skipped(self.root, result["key"], reason, detail)
+            self.skipped[result["key"]] = (reason, detail)
             return False
         for face in result["faces"]:
-            if len(records) >= opts.num_samples:
+            if self.full:
                 return True
-            stem = f"{len(records):06d}"
-            for path, data in zip(sample_paths(root, stem), face["files"][:3], strict=True):
-                atomic_write_bytes(path, data)
-            record = {
-                "stem": stem, "source": result["key"],
-                **{k: v for k, v in face.items() if k != "files"},
-                "size": opts.size, "mask": face["files"][3],
-                "split": split_of(result["key"], opts.val_fraction, opts.test_fraction, opts.seed),
-                "reused": "reuse_of" in face,
-            }
-            append_manifest(root, [record])
-            records.append(record)
-            summary.written += 1
-            if progress is not None:
-                progress.update(task, completed=len(records))
-        return len(records) >= opts.num_samples
+            self._write_sample(result["key"], face)
+        return self.full
 
-    initargs = (opts.size, opts.landmarks_path, opts.upsample, opts.min_face, opts.detector, opts.alignment,
-                weights, True)
-    pool = _Pool(opts.workers, initargs)
+    def _write_sample(self, key: str, face: dict) -> None:
+        pc, stem = self.pc, f"{len(self.records):06d}"
+        for path, data in zip(sample_paths(self.root, stem), face["files"][:3], strict=True):
+            atomic_write_bytes(path, data)
+        record = {"stem": stem, "source": key, **{k: v for k, v in face.items() if k != "files"},
+                  "size": pc.size, "mask": face["files"][3],
+                  "split": split_of(key, pc.val_fraction, pc.test_fraction, pc.seed), "reused": "reuse_of" in face}
+        append_manifest(self.root, [record])
+        self.records.append(record)
+        self.summary.written += 1
+        if self.progress is not None:
+            self.progress.update(self.task, completed=len(self.records))
+
+    def finish(self, seconds: float) -> PrepareSummary:
+        summary, records = self.summary, self.records
+        summary.seconds = seconds
+        summary.total = len(records)
+        summary.faces = sum(1 for r in records if not r.get("reused"))
+        summary.reused = summary.total - summary.faces
+        summary.skipped = dict(Counter(reason for reason, _ in self.skipped.values()))
+        summary.splits = dict(Counter(r["split"] for r in records))
+        summary.styles = dict(Counter(r["mask"]["style"] for r in records))
+        return summary
+
+
+def run_prepare(pc: PrepareConfig, out: str | os.PathLike, progress=None) -> PrepareSummary:
+    """Write (or resume) ``pc.samples()`` samples into ``out``. ``progress`` is a rich Progress (optional).
+
+    New faces first, in source order; when the sources run out, the faces already written get fresh masks."""
+    from unmask_cli.masks import parse_mask_types
+
+    weights = parse_mask_types(pc.mask_types)
+    root = Path(out)
+    _check_job(pc, root)
+    items = _source_items(pc)
+    for sub in SUBDIRS:
+        ensure_dir(root / sub)
+    start = time.perf_counter()
+    writer = _Writer(pc, root, progress)
+    atomic_write_text(root / SETTINGS_FILE, json.dumps({"settings": _settings(pc), "status": "running"}, indent=2))
+    done = {r["source"] for r in writer.records}
+    pending = [(k, p) for k, p in items if k not in done and k not in writer.skipped]
+    pool = _Pool(pc.workers, (pc.size, pc.landmarks, pc.upsample, pc.min_face, pc.detector, pc.alignment,
+                              weights, True))
     try:
-        if len(records) < opts.num_samples and pending:
-            tasks = ((k, p, opts.seed, opts.all_faces) for k, p in pending)
-            for result in pool.imap(_process_source, tasks):
-                summary.sources_seen += 1
-                if commit(result):
+        if not writer.full and pending:
+            for result in pool.imap(_process_source, ((k, p, pc.seed, pc.all_faces) for k, p in pending)):
+                writer.summary.sources_seen += 1
+                if writer.commit(result):
                     break
-        base = [r for r in records if not r.get("reused")]
-        if len(records) < opts.num_samples:
-            if not base:
-                raise UnmaskError(f"no usable face in {len(items)} source file(s); see {root / SKIPPED}", opts.source)
-            tasks = (
-                (base[(j - len(base)) % len(base)], 1 + (j - len(base)) // len(base), str(root), opts.seed)
-                for j in range(len(records), opts.num_samples)
-            )
-            for result in pool.imap(_process_reuse, tasks):
-                if commit(result):
-                    break
+        if not writer.full:
+            _reuse_faces(pool, writer, len(items))
     finally:
         pool.close()
-
-    summary.seconds = time.perf_counter() - start
-    summary.total = len(records)
-    summary.faces = sum(1 for r in records if not r.get("reused"))
-    summary.reused = summary.total - summary.faces
-    summary.skipped = dict(Counter(reason for reason, _ in skipped.values()))
-    summary.splits = dict(Counter(r["split"] for r in records))
-    summary.styles = dict(Counter(r["mask"]["style"] for r in records))
+    summary = writer.finish(time.perf_counter() - start)
     atomic_write_text(root / SETTINGS_FILE, json.dumps(
-        {"settings": _settings(opts), "status": "complete", "summary": asdict(summary)}, indent=2))
+        {"settings": _settings(pc), "status": "complete", "summary": asdict(summary)}, indent=2))
     return summary
+
+
+def _reuse_faces(pool: _Pool, writer: _Writer, sources: int) -> None:
+    """Fill the remaining samples with fresh masks on the faces already written, round-robin."""
+    records, target = writer.records, writer.target
+    base = [r for r in records if not r.get("reused")]
+    if not base:
+        raise UnmaskError(f"no usable face in {sources} source file(s); see {writer.root / SKIPPED}", writer.pc.source)
+    tasks = ((base[(j - len(base)) % len(base)], 1 + (j - len(base)) // len(base), str(writer.root), writer.pc.seed)
+             for j in range(len(records), target))
+    for result in pool.imap(_process_reuse, tasks):
+        if writer.commit(result):
+            break
 
 
 def summary_table(summary: PrepareSummary):
@@ -410,13 +408,13 @@ def summary_table(summary: PrepareSummary):
     return table
 
 
-def preview(opts: PrepareOptions, count: int, sheet_path: Path) -> int:
+def preview(opts: PrepareConfig, count: int, sheet_path: Path) -> int:
     """Write a contact sheet of ``count`` random samples (original | masked | map) without a dataset."""
     from unmask_cli.fileio import write_image
     from unmask_cli.masks import parse_mask_types, preview_sheet, synthesize
 
     weights = parse_mask_types(opts.mask_types)
-    _init_worker(opts.size, opts.landmarks_path, opts.upsample, opts.min_face, opts.detector, opts.alignment,
+    _init_worker(opts.size, opts.landmarks, opts.upsample, opts.min_face, opts.detector, opts.alignment,
                  weights, False)
     items = _source_items(opts)
     rng = np.random.default_rng(opts.seed)
