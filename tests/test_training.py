@@ -204,7 +204,7 @@ def test_train_writes_run_folder(tmp_path, data_root):
     assert summary.best_psnr is not None and summary.best_epoch in (1, 2)
     assert "RANDOM VGG" in summary.vgg
     for name in ("config.yaml", "metrics.csv", "meta.json", "last.pt", "best.pt", "epoch_002.pt",
-                 "samples/epoch_001.png", "samples/epoch_002.png"):
+                 "samples/epoch_001.png", "samples/epoch_002.png", "curves.png"):
         assert (run / name).is_file(), name
     assert not (run / "epoch_001.pt").exists()
     assert no_temp_files(run)
@@ -220,6 +220,8 @@ def test_train_writes_run_folder(tmp_path, data_root):
             assert row[key] != "" and np.isfinite(float(row[key])), key
         assert 0 <= float(row["val_iou"]) <= 1 and float(row["val_psnr"]) > 5
 
+    curves = read_image(run / "curves.png")  # six panels, redrawn every epoch
+    assert curves.shape == (700, 1300, 3) and (curves < 128).any()
     grid = read_image(run / "samples" / "epoch_002.png")
     # rows masked | output | original; one column per fixed validation face (2 < num_sample_images=3)
     assert grid.shape == (2 + 3 * (64 + 2), 2 + 2 * (64 + 2), 3)
@@ -574,3 +576,17 @@ def test_sigkill_then_rerun_resumes(tmp_path, workers):
     reference = train(load_config(None, overrides), tmp_path / "reference", data, device_spec="cpu", console=quiet())
     assert reference.global_step == 12
     assert_bitwise_equal(weights(tmp_path / "reference" / "last.pt"), weights(run / "last.pt"))
+
+
+def test_tensorboard_scalars_and_samples_when_the_package_is_installed(tmp_path, data_root):
+    pytest.importorskip("tensorboard")  # optional for users; installed with the dev extras
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(cfg_with("train.epochs=2", "loss.lambda_perc=0"), run, data_root, device_spec="cpu", console=quiet())
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"g_total", "g_l1", "d_whole", "map_loss", "val_psnr", "val_iou", "img_per_s"} <= set(scalars)
+    assert [e.step for e in events.Scalars("g_total")] == [3, 6]
+    assert len(events.Tags()["images"]) == 1

@@ -43,6 +43,7 @@ def render_curves(rows: list[dict], title: str = "") -> bytes:
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(13, 7), dpi=100, layout="constrained")
     epochs = _column(rows, "epoch")
@@ -54,6 +55,7 @@ def render_curves(rows: list[dict], title: str = "") -> bytes:
                 ax.plot(epochs, values, marker="o", markersize=3, label=label)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
