@@ -63,10 +63,8 @@ def run_one(preset: str, args) -> dict:
     sys.path.insert(0, str(ROOT))
     from unmask_cli.config import load_config
     from unmask_cli.device import setup_device
-    from unmask_cli.losses import GeneratorLoss, PerceptualLoss
-    from unmask_cli.models import build_networks, count_parameters
-    from unmask_cli.training import make_ema, train_step
-    from unmask_cli.vgg import load_vgg_features
+    from unmask_cli.models import count_parameters
+    from unmask_cli.training import build_state, make_ema, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,21 +74,8 @@ def run_one(preset: str, args) -> dict:
     config_file, overrides = PRESETS[preset]
     cfg = load_config(config_file, [*overrides, f"loss.vgg_weights={vgg}"])
     dev = setup_device(args.device, amp=True)
-    torch.manual_seed(0)
-    nets = {k: dev.module(v) for k, v in build_networks(cfg).items()}
-    perceptual, description = None, "not used (loss.lambda_perc = 0)"
-    if cfg.loss.lambda_perc != 0:
-        features, description = load_vgg_features(cfg.loss.vgg_weights, cfg.loss.vgg_layers)
-        perceptual = dev.module(PerceptualLoss(features, cfg.loss.vgg_layers))
-    gen_loss = GeneratorLoss(cfg.loss, perceptual)
-    t = cfg.train
-    optimizers = {
-        "G": torch.optim.Adam(nets["G"].parameters(), t.lr_g, betas=(t.beta1, t.beta2)),
-        "D": torch.optim.Adam([*nets["D_whole"].parameters(), *nets["D_mask"].parameters()], t.lr_d,
-                              betas=(t.beta1, t.beta2)),
-        "M": torch.optim.Adam(nets["M"].parameters(), t.lr_g, betas=(t.beta1, t.beta2)),
-    }
-    scaler = dev.grad_scaler()
+    state = build_state(cfg, dev)  # exactly what a run trains: networks, optimizers, losses, scaler
+    nets, description, t = state.nets, state.vgg, cfg.train
     n, size = t.batch_size, cfg.data.image_size
     original = torch.rand(n, 3, size, size) * 2 - 1
     mask = torch.zeros(n, 1, size, size)
@@ -105,12 +90,12 @@ def run_one(preset: str, args) -> dict:
     if dev.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
-        train_step(batch, nets, optimizers, scaler, dev, gen_loss, cfg.loss.lambda_map)
+        train_step(batch, state, dev)
     sync()
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        train_step(batch, nets, optimizers, scaler, dev, gen_loss, cfg.loss.lambda_map)
+        train_step(batch, state, dev)
         sync()
         times.append(time.perf_counter() - start)
     mean = sum(times) / len(times)
