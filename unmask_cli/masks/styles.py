@@ -369,17 +369,7 @@ def design_n95(f: FaceFrame, rng: np.random.Generator) -> Design:
     name, colour = _colour("n95", rng)
     strap_name = weighted_pick([("cream", 0.35), ("white", 0.25), ("sky", 0.2), ("charcoal", 0.2)], rng)
     strap_colour = jittered_colour(strap_name, rng)
-    has_valve = bool(rng.random() < 0.45)
-    valve = None
-    if has_valve:
-        v_side = int(rng.choice([-1, 1]))
-        v_name = weighted_pick([("grey", 0.3), ("white", 0.3), ("sky", 0.15), ("orange", 0.1), ("charcoal", 0.15)], rng)
-        v_colour = jittered_colour(v_name, rng)
-        a_side = a_left if v_side < 0 else a_right
-        radius = float(min(rng.uniform(0.2, 0.26), 0.38 * a_side))
-        squeeze = 1.0 - 0.45 * abs(f.yaw) if v_side == f.far_side() else 1.0
-        valve = {"side": v_side, "centre": [uc + v_side * 0.5 * a_side, vc + 0.12 * b], "radius": radius,
-                 "squeeze": squeeze, "colour": v_name, "rgb": to_255(v_colour)}
+    valve = _n95_valve(f, rng, uc, vc, b, a_left, a_right)
     straps = []
     strap_sides = []
     for side in (-1, 1):
@@ -422,16 +412,7 @@ def design_n95(f: FaceFrame, rng: np.random.Generator) -> Design:
         strip = smoothstep(0.025, 0.03, s.dist) * (1 - smoothstep(0.065, 0.07, s.dist)) * clip_zone
         out = out * (1 - 0.12 * strip[..., None])
         if valve is not None:
-            cu0, cv0 = valve["centre"]
-            ru = valve["radius"] * valve["squeeze"]
-            dv = np.sqrt(((u - cu0) / ru) ** 2 + ((v - cv0) / valve["radius"]) ** 2)
-            inside = 1 - smoothstep(1 - s.px / ru, 1 + s.px / ru, dv)
-            vz = np.sqrt(np.maximum(1 - dv * dv, 0.0))
-            vshade = lambert((u - cu0) / ru * 0.5, (v - cv0) / valve["radius"] * 0.5, 0.5 + 0.5 * vz, s.light)
-            vshade = vshade * (1 - 0.25 * smoothstep(0.8, 0.95, dv))
-            slits = 0.35 * (np.cos((v - cv0) / valve["radius"] * math.pi * 3.5) > 0.55) * (dv < 0.62)
-            vcol = finish(np.array(valve["rgb"]) / 255.0, (vshade * (1 - slits)).astype(np.float32), s.light)
-            out = out * (1 - inside[..., None]) + vcol * inside[..., None]
+            out = _paint_valve(out, s, valve)
         return np.clip(out, 0, 1)
 
     params = {"colour": name, "rgb": to_255(colour), "texture": "nonwoven",
@@ -441,6 +422,36 @@ def design_n95(f: FaceFrame, rng: np.random.Generator) -> Design:
                            "power": power},
               "jitter": {"top_t": t_top, "width_scale": list(grow)}}
     return Design(body, paint, straps, params, uc)
+
+
+def _n95_valve(f: FaceFrame, rng: np.random.Generator, uc: float, vc: float, b: float, a_left: float,
+               a_right: float) -> dict | None:
+    """An exhalation valve on one cheek, on 45 % of N95s (drawn from ``rng`` in a fixed order)."""
+    if not rng.random() < 0.45:
+        return None
+    v_side = int(rng.choice([-1, 1]))
+    v_name = weighted_pick([("grey", 0.3), ("white", 0.3), ("sky", 0.15), ("orange", 0.1), ("charcoal", 0.15)], rng)
+    v_colour = jittered_colour(v_name, rng)
+    a_side = a_left if v_side < 0 else a_right
+    radius = float(min(rng.uniform(0.2, 0.26), 0.38 * a_side))
+    squeeze = 1.0 - 0.45 * abs(f.yaw) if v_side == f.far_side() else 1.0
+    return {"side": v_side, "centre": [uc + v_side * 0.5 * a_side, vc + 0.12 * b], "radius": radius,
+            "squeeze": squeeze, "colour": v_name, "rgb": to_255(v_colour)}
+
+
+def _paint_valve(out: np.ndarray, s: Surface, valve: dict) -> np.ndarray:
+    """A shaded disc with slits over the painted N95 (``valve`` from :func:`_n95_valve`)."""
+    u, v = s.u, s.v
+    cu0, cv0 = valve["centre"]
+    ru = valve["radius"] * valve["squeeze"]
+    dv = np.sqrt(((u - cu0) / ru) ** 2 + ((v - cv0) / valve["radius"]) ** 2)
+    inside = 1 - smoothstep(1 - s.px / ru, 1 + s.px / ru, dv)
+    vz = np.sqrt(np.maximum(1 - dv * dv, 0.0))
+    vshade = lambert((u - cu0) / ru * 0.5, (v - cv0) / valve["radius"] * 0.5, 0.5 + 0.5 * vz, s.light)
+    vshade = vshade * (1 - 0.25 * smoothstep(0.8, 0.95, dv))
+    slits = 0.35 * (np.cos((v - cv0) / valve["radius"] * math.pi * 3.5) > 0.55) * (dv < 0.62)
+    vcol = finish(np.array(valve["rgb"]) / 255.0, (vshade * (1 - slits)).astype(np.float32), s.light)
+    return out * (1 - inside[..., None]) + vcol * inside[..., None]
 
 
 def design_kn95(f: FaceFrame, rng: np.random.Generator) -> Design:
@@ -516,6 +527,48 @@ CLOTH_TEXTURES = [("solid", 0.2), ("heather", 0.15), ("stripes", 0.18), ("dots",
                   ("camo", 0.07), ("floral", 0.08)]
 
 
+def _cloth_albedo(texture: str, tex: dict, colour: np.ndarray, second: np.ndarray, angle: float, s: Surface,
+                  su: np.ndarray, sv: np.ndarray) -> np.ndarray:
+    """The fabric's colour at the surface coordinates (su: arc length around the cheeks, sv: height)."""
+    if texture == "solid":
+        return blend(colour, colour * 0.9, 0.5 + 0.5 * value_noise(s.u, s.v, 0.04, s.rng))
+    if texture == "heather":
+        mix = 0.5 + 0.5 * value_noise(s.u, s.v, 0.025, s.rng)
+        return blend(colour * 0.85, np.clip(colour * 1.25 + 0.05, 0, 1), mix)
+    if texture == "stripes":
+        coord = su * math.sin(angle) + sv * math.cos(angle)
+        return blend(colour, second, stripes(coord, tex["period"], tex["duty"], s.px))
+    if texture == "dots":
+        sp = tex["spacing"]
+        return blend(colour, second, dots(su, sv, sp, sp * tex["radius_frac"], s.px))
+    if texture == "plaid":
+        p = tex["period"]
+        h = stripes(sv, p, 0.35, s.px)
+        w = stripes(su, p, 0.35, s.px)
+        thin = np.maximum(stripes(sv + p * 0.6, p, 0.06, s.px), stripes(su + p * 0.6, p, 0.06, s.px))
+        base = blend(colour, second, 0.45 * h + 0.45 * w - 0.2 * h * w)
+        third = np.array(tex["third_rgb"]) / 255.0
+        return base * (1 - thin[..., None] * 0.8) + third * (thin[..., None] * 0.8)
+    if texture == "camo":
+        cell = tex["cell"]
+        n1 = value_noise(s.u, s.v, cell, s.rng)
+        n2 = value_noise(s.u, s.v, cell * 0.7, s.rng)
+        palette = [np.array(COLOURS[c]) / 255.0 for c in ("olive", "beige", "charcoal")]
+        out = blend(palette[1], palette[0], smoothstep(-0.1, 0.0, n1))
+        return blend(out, palette[2] * 1.3, smoothstep(0.25, 0.35, n2))
+    # floral: small five-petal flowers on a staggered grid
+    sp = tex["spacing"]
+    row = np.floor(sv / sp)
+    du = np.mod(su + np.where(np.mod(row, 2) == 0, 0.0, sp / 2), sp) - sp / 2
+    dv = np.mod(sv, sp) - sp / 2
+    r = np.sqrt(du * du + dv * dv)
+    petal = sp * (0.22 + 0.1 * np.cos(5 * np.arctan2(dv, du)))
+    flower = 1 - smoothstep(petal - s.px, petal + s.px, r)
+    centre = 1 - smoothstep(sp * 0.07 - s.px, sp * 0.07 + s.px, r)
+    out = blend(colour, second, flower)
+    return blend(out, np.array(COLOURS["mustard"]) / 255.0, centre)
+
+
 def design_cloth(f: FaceFrame, rng: np.random.Generator) -> Design:
     lm = f.lm
     shape = (float(rng.uniform(1.0, 1.4)), 0.8)
@@ -551,51 +604,12 @@ def design_cloth(f: FaceFrame, rng: np.random.Generator) -> Design:
     pu = peak[0]
     seam_bottom_u = float(lm[8, 0])
 
-    def albedo(s: Surface, su: np.ndarray, sv: np.ndarray) -> np.ndarray:
-        if texture == "solid":
-            return blend(colour, colour * 0.9, 0.5 + 0.5 * value_noise(s.u, s.v, 0.04, s.rng))
-        if texture == "heather":
-            mix = 0.5 + 0.5 * value_noise(s.u, s.v, 0.025, s.rng)
-            return blend(colour * 0.85, np.clip(colour * 1.25 + 0.05, 0, 1), mix)
-        if texture == "stripes":
-            coord = su * math.sin(angle) + sv * math.cos(angle)
-            return blend(colour, second, stripes(coord, tex["period"], tex["duty"], s.px))
-        if texture == "dots":
-            sp = tex["spacing"]
-            return blend(colour, second, dots(su, sv, sp, sp * tex["radius_frac"], s.px))
-        if texture == "plaid":
-            p = tex["period"]
-            h = stripes(sv, p, 0.35, s.px)
-            w = stripes(su, p, 0.35, s.px)
-            thin = np.maximum(stripes(sv + p * 0.6, p, 0.06, s.px), stripes(su + p * 0.6, p, 0.06, s.px))
-            base = blend(colour, second, 0.45 * h + 0.45 * w - 0.2 * h * w)
-            third = np.array(tex["third_rgb"]) / 255.0
-            return base * (1 - thin[..., None] * 0.8) + third * (thin[..., None] * 0.8)
-        if texture == "camo":
-            cell = tex["cell"]
-            n1 = value_noise(s.u, s.v, cell, s.rng)
-            n2 = value_noise(s.u, s.v, cell * 0.7, s.rng)
-            palette = [np.array(COLOURS[c]) / 255.0 for c in ("olive", "beige", "charcoal")]
-            out = blend(palette[1], palette[0], smoothstep(-0.1, 0.0, n1))
-            return blend(out, palette[2] * 1.3, smoothstep(0.25, 0.35, n2))
-        # floral: small five-petal flowers on a staggered grid
-        sp = tex["spacing"]
-        row = np.floor(sv / sp)
-        du = np.mod(su + np.where(np.mod(row, 2) == 0, 0.0, sp / 2), sp) - sp / 2
-        dv = np.mod(sv, sp) - sp / 2
-        r = np.sqrt(du * du + dv * dv)
-        petal = sp * (0.22 + 0.1 * np.cos(5 * np.arctan2(dv, du)))
-        flower = 1 - smoothstep(petal - s.px, petal + s.px, r)
-        centre = 1 - smoothstep(sp * 0.07 - s.px, sp * 0.07 + s.px, r)
-        out = blend(colour, second, flower)
-        return blend(out, np.array(COLOURS["mustard"]) / 255.0, centre)
-
     def paint(s: Surface) -> np.ndarray:
         u, v = s.u, s.v
         x = _half_width_field(u, pu, left_u, right_u)
         half = np.where(u < pu, pu - left_u, right_u - pu)
         su = pu + np.arcsin(np.clip(x, -0.999, 0.999)) * half * 0.8  # arc length around the cheeks
-        col = albedo(s, su, v)
+        col = _cloth_albedo(texture, tex, colour, second, angle, s, su, v)
         shade = cylinder_shading(s.light, 0.8)(x) * CLOTH_EDGE(s.dist)
         shade = shade * (1.0 + np.float32(0.05) * value_noise(u, v, 0.25, s.rng))
         if seam:
