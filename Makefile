@@ -37,6 +37,7 @@ demo:
 	@echo
 	@echo "demo done:"
 	@echo "  training samples : $(DEMO)/runs/quick/samples/ (masked | output | original per epoch)"
+	@echo "  training curves  : $(DEMO)/runs/quick/curves.png (every loss, validation PSNR/SSIM/IoU, img/s)"
 	@echo "  metrics table    : $(DEMO)/eval/metrics.json, $(DEMO)/eval/per_image.csv"
 	@echo "  comparison sheet : $(DEMO)/eval/comparison.png"
 	@echo "  unmasked photos  : $(DEMO)/unmasked/ (side by side in $(DEMO)/unmasked/compare/)"

@@ -2,7 +2,7 @@
 
 It trains, writes the run folder once (rank 0), records the world size and backend, gives the epoch and
 step counts of a single-process run with the same global batch, resumes a finished run to a raised
-target, and resumes after every process is killed with SIGKILL.
+target (on two processes, then on one), and resumes after every process is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -89,6 +89,10 @@ def test_two_gloo_processes_train_resume_and_match_a_single_process(tmp_path):
     assert "resuming" in more
     assert [r["step"] for r in read_metrics(folder / "metrics.csv")] == ["2", "4", "6"]
     assert Checkpoint.load(folder / "last.pt").global_step == 6
+
+    alone = train(load_config(None, [*SETS, "train.epochs=4"]), folder, data, device_spec="cpu", console=quiet())
+    assert alone.resumed_from == folder / "last.pt" and alone.global_step == 8  # one process continues it
+    assert Checkpoint.load(folder / "last.pt").world_size == 1
 
 
 def test_sigkill_of_every_process_then_rerun_resumes(tmp_path):
