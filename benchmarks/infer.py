@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from unmask_cli.inference import Unmasker
+from unmask_cli.inference import Unmasker, inference_device
 from unmask_cli.models import UNetGenerator, composite, generator_input
 
 PHOTO_PATHS = {"new: yunet + visible": ("yunet", "visible"), "today: hog+cnn + ffhq": ("hog+cnn", None)}
@@ -128,6 +128,7 @@ def photos_main(args) -> None:
     import tempfile
     from pathlib import Path
 
+    from unmask_cli.config import InferConfig
     from unmask_cli.inference import run_infer
 
     work = Path(tempfile.mkdtemp(prefix="unmask-infer-bench-"))
@@ -139,8 +140,8 @@ def photos_main(args) -> None:
           flush=True)
 
     def run(name: str):
-        return run_infer(work / "in", work / "out", ckpts[name], device="cpu", detector=PHOTO_PATHS[name][0],
-                         overwrite=True)
+        cfg = InferConfig(checkpoint=str(ckpts[name]), device="cpu", detector=PHOTO_PATHS[name][0], overwrite=True)
+        return run_infer(cfg, work / "in", work / "out")
 
     for name in PHOTO_PATHS:  # warm-up: models loaded once per process, as in a long infer run
         run(name)
@@ -182,7 +183,7 @@ def main() -> None:
 
     G = _generator(args.size, args.ngf)
     G_cl = copy.deepcopy(G).to(memory_format=torch.channels_last)
-    net = Unmasker(G, None, args.size, torch.device("cpu"), fold_bn=True)
+    net = Unmasker(G, None, args.size, inference_device("cpu"), fold_bn=True)
     images, maps = _inputs(args.images, args.size)
 
     variants = {

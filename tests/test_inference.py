@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from unmask_cli.config import InferConfig, load_config
 from unmask_cli.errors import UnmaskError
 from unmask_cli.fileio import read_image, read_mask
 from unmask_cli.inference import fold_batchnorm, run_infer, summary_table
@@ -62,6 +63,12 @@ def _write_checkpoint(path: Path, map_module: bool = True, map_bias: float | Non
         **({"alignment": alignment} if alignment is not None else {}),
     })
     return path
+
+
+def _cfg(checkpoint, **settings) -> InferConfig:
+    """The ``infer`` config of a test run; paths as strings, as a YAML file or the CLI gives them."""
+    return InferConfig(checkpoint=str(checkpoint),
+                       **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
 
 
 # Tests of the --masks path (faces located from the supplied maps where the detector misses them) name the
@@ -239,8 +246,8 @@ def test_aligned_supplied_maps_keep_outside_byte_identical(tmp_path, ckpts, alig
     _png(maps / "astro_q.png", sources["astro"][1].astype(np.uint8) * 255)
     before_in, before_maps = _hashes(inp), _hashes(maps)
 
-    summary = run_infer(inp, out, ckpts["plain"], masks_dir=maps, aligned=True, save_masks=True, compare=True,
-                        device="cpu", batch_size=2)
+    summary = run_infer(_cfg(ckpts["plain"], masks=maps, aligned=True, save_masks=True, compare=True,
+                             device="cpu", batch_size=2), inp, out)
     assert summary.processed == 3 and not summary.skipped_files and summary.mode == "aligned"
     for name, (masked, mask) in sources.items():
         result = read_image(out / f"{name}.png")
@@ -275,7 +282,7 @@ def test_infer_uses_the_ema_weights_of_a_checkpoint_that_has_them(tmp_path, ckpt
 
     outputs = {}
     for name, path in (("ema", with_ema), ("g", as_plain_g), ("plain", ckpts["plain"])):
-        summary = run_infer(inp, tmp_path / name, path, masks_dir=maps, aligned=True, device="cpu")
+        summary = run_infer(_cfg(path, masks=maps, aligned=True, device="cpu"), inp, tmp_path / name)
         outputs[name] = read_image(tmp_path / name / "face.png")
         if name == "ema":
             assert summary.weights == "EMA of G (decay 0.999, 7 updates)"
@@ -291,13 +298,15 @@ def test_aligned_predicted_maps(tmp_path, ckpts, aligner, astronaut):
     inp.mkdir()
     _png(inp / "face.png", crop)
 
-    everything = run_infer(inp, tmp_path / "all", ckpts["map_all"], aligned=True, save_masks=True, device="cpu")
+    everything = run_infer(_cfg(ckpts["map_all"], aligned=True, save_masks=True, device="cpu"),
+                           inp, tmp_path / "all")
     assert everything.processed == 1 and everything.mask_source == "predicted"
     assert read_mask(tmp_path / "all" / "masks" / "face.png").all()
     changed = (read_image(tmp_path / "all" / "face.png") != crop).any(axis=2)
     assert changed.mean() > 0.9
 
-    nothing = run_infer(inp, tmp_path / "none", ckpts["map_none"], aligned=True, save_masks=True, device="cpu")
+    nothing = run_infer(_cfg(ckpts["map_none"], aligned=True, save_masks=True, device="cpu"),
+                        inp, tmp_path / "none")
     assert nothing.processed == 0 and nothing.unchanged == 1
     assert (tmp_path / "none" / "face.png").read_bytes() == (inp / "face.png").read_bytes()
     assert not read_mask(tmp_path / "none" / "masks" / "face.png").any()
@@ -309,8 +318,8 @@ def test_same_stem_in_two_formats(tmp_path, ckpts, aligner, astronaut):
     inp.mkdir()
     _png(inp / "face.png", crop)
     _jpeg(inp / "face.jpg", crop)
-    summary = run_infer(inp, tmp_path / "out", ckpts["map_all"], aligned=True, save_masks=True, compare=True,
-                        device="cpu")
+    summary = run_infer(_cfg(ckpts["map_all"], aligned=True, save_masks=True, compare=True, device="cpu"),
+                        inp, tmp_path / "out")
     assert summary.processed == 2
     names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert names == ["compare/face.jpg.jpg", "compare/face.png.jpg", "face.jpg", "face.png",
@@ -329,9 +338,10 @@ def test_batching_across_files_matches_one_by_one(tmp_path, ckpts, aligner, astr
         masked, mask = _draw_masks(crop, [_mask_polygon(lm if i < 2 else lm * [-1, 1] + [size - 1, 0])])
         _png(inp / f"{i}.png", masked)
         _png(maps / f"{i}.png", mask)
-    one = run_infer(inp, tmp_path / "b1", ckpts["plain"], masks_dir=maps, aligned=True, batch_size=1,
-                    device="cpu", fold_bn=False)
-    many = run_infer(inp, tmp_path / "b3", ckpts["plain"], masks_dir=maps, aligned=True, batch_size=3, device="cpu")
+    one = run_infer(_cfg(ckpts["plain"], masks=maps, aligned=True, batch_size=1, device="cpu", fold_bn=False),
+                    inp, tmp_path / "b1")
+    many = run_infer(_cfg(ckpts["plain"], masks=maps, aligned=True, batch_size=3, device="cpu"),
+                     inp, tmp_path / "b3")
     assert one.processed == many.processed == 4
     for i in range(4):
         a = read_image(tmp_path / "b1" / f"{i}.png").astype(int)
@@ -356,7 +366,8 @@ def test_photo_with_supplied_map_png_jpeg_and_rerun(tmp_path, ckpts, aligner, as
     _png(maps / "clean.png", np.zeros(mask.shape, np.uint8))
     before = _hashes(inp)
 
-    summary = run_infer(inp, out, ckpts["plain"], masks_dir=maps, save_masks=True, compare=True, device="cpu", detector=HOG)
+    summary = run_infer(_cfg(ckpts["plain"], masks=maps, save_masks=True, compare=True, device="cpu",
+                             detector=HOG), inp, out)
     assert (summary.processed, summary.faces, summary.faces_from_maps) == (2, 2, 2)
     # clean.png's face, plus any detector false positive (dlib fires on the suit of the JPEG copy): no map there
     assert summary.unchanged == 1 and summary.faces_empty_map >= 1
@@ -371,10 +382,11 @@ def test_photo_with_supplied_map_png_jpeg_and_rerun(tmp_path, ckpts, aligner, as
     assert _hashes(inp) == before
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.*")}
-    again = run_infer(inp, out, ckpts["plain"], masks_dir=maps, save_masks=True, compare=True, device="cpu", detector=HOG)
+    again = run_infer(_cfg(ckpts["plain"], masks=maps, save_masks=True, compare=True, device="cpu",
+                           detector=HOG), inp, out)
     assert again.already_done == 3 and again.processed == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.*")} == stamps
-    redo = run_infer(inp, out, ckpts["plain"], masks_dir=maps, device="cpu", detector=HOG, overwrite=True)
+    redo = run_infer(_cfg(ckpts["plain"], masks=maps, device="cpu", detector=HOG, overwrite=True), inp, out)
     assert redo.processed == 2 and redo.unchanged == 1 and redo.already_done == 0
 
 
@@ -388,12 +400,12 @@ def test_detectors_on_a_masked_face(tmp_path, ckpts, astronaut, aligner):
     inp = tmp_path / "in"
     inp.mkdir()
     _png(inp / "masked.png", masked.masked)
-    hog = run_infer(inp, tmp_path / "hog", ckpts["map_all"], device="cpu", detector="hog")
+    hog = run_infer(_cfg(ckpts["map_all"], device="cpu", detector="hog"), inp, tmp_path / "hog")
     assert hog.no_face == 1 and hog.faces == 0 and hog.detector == "hog"
     assert (read_image(tmp_path / "hog" / "masked.png") == masked.masked).all()  # copied through
 
     for detector in ("yunet", "hog+cnn"):
-        found = run_infer(inp, tmp_path / detector, ckpts["map_all"], device="cpu", detector=detector)
+        found = run_infer(_cfg(ckpts["map_all"], device="cpu", detector=detector), inp, tmp_path / detector)
         assert found.detector == detector and found.no_face == 0 and found.processed == 1 and found.faces == 1
         changed = (read_image(tmp_path / detector / "masked.png") != masked.masked).any(axis=2)
         assert changed[masked.mask].mean() > 0.9  # the mask region was replaced
@@ -405,11 +417,12 @@ def test_detectors_on_a_masked_face(tmp_path, ckpts, astronaut, aligner):
     maps = tmp_path / "maps"  # with supplied maps, hog+cnn skips the CNN: the map locates the face
     maps.mkdir()
     _png(maps / "masked.png", (masked.mask * 255).astype(np.uint8))
-    mapped = run_infer(inp, tmp_path / "mapped", ckpts["plain"], masks_dir=maps, device="cpu", detector="hog+cnn")
+    mapped = run_infer(_cfg(ckpts["plain"], masks=maps, device="cpu", detector="hog+cnn"),
+                       inp, tmp_path / "mapped")
     assert mapped.faces == 1 and mapped.faces_from_maps == 1
 
     with pytest.raises(UnmaskError, match="unknown face detector 'mtcnn'"):
-        run_infer(inp, tmp_path / "bad", ckpts["map_all"], device="cpu", detector="mtcnn")
+        run_infer(_cfg(ckpts["map_all"], device="cpu", detector="mtcnn"), inp, tmp_path / "bad")
 
 
 def test_infer_aligns_photos_the_way_the_checkpoint_was_trained(tmp_path, ckpts, astronaut):
@@ -423,7 +436,7 @@ def test_infer_aligns_photos_the_way_the_checkpoint_was_trained(tmp_path, ckpts,
     inp.mkdir()
     _png(inp / "astro.png", astronaut)
     for name, alignment in (("map_all", "visible"), ("map_all_legacy", "ffhq")):
-        summary = run_infer(inp, tmp_path / name, ckpts[name], save_masks=True, device="cpu")
+        summary = run_infer(_cfg(ckpts[name], save_masks=True, device="cpu"), inp, tmp_path / name)
         assert summary.alignment == alignment and summary.faces == 1
         finder = _aligner(None, "yunet", alignment)
         quad = finder.quad(finder.detect(astronaut)[0])
@@ -432,7 +445,8 @@ def test_infer_aligns_photos_the_way_the_checkpoint_was_trained(tmp_path, ckpts,
         used = read_mask(tmp_path / name / "masks" / "astro.png")
         overlap = (used & (expected > 0)).sum() / (used | (expected > 0)).sum()
         assert overlap > 0.97, (alignment, overlap)
-    assert "visible alignment" in _table_text(run_infer(inp, tmp_path / "map_all", ckpts["map_all"], device="cpu"))
+    assert "visible alignment" in _table_text(run_infer(_cfg(ckpts["map_all"], device="cpu"),
+                                                        inp, tmp_path / "map_all"))
 
 
 def _table_text(summary) -> str:
@@ -447,7 +461,7 @@ def test_photo_with_predicted_map(tmp_path, ckpts, astronaut):
     inp = tmp_path / "in"
     inp.mkdir()
     _png(inp / "astro.png", astronaut)
-    summary = run_infer(inp, tmp_path / "out", ckpts["map_all"], save_masks=True, device="cpu")
+    summary = run_infer(_cfg(ckpts["map_all"], save_masks=True, device="cpu"), inp, tmp_path / "out")
     assert summary.processed == 1 and summary.faces == 1
     used = read_mask(tmp_path / "out" / "masks" / "astro.png")
     result = read_image(tmp_path / "out" / "astro.png")
@@ -472,7 +486,7 @@ def test_group_photos(tmp_path, ckpts, aligner):
         _png(maps / f"{name}.png", mask)
         expected[name] = (masked, mask, polys, faces)
     before = _hashes(inp)
-    summary = run_infer(inp, out, ckpts["plain"], masks_dir=maps, device="cpu", detector=HOG, batch_size=4)
+    summary = run_infer(_cfg(ckpts["plain"], masks=maps, device="cpu", detector=HOG, batch_size=4), inp, out)
     assert summary.processed == 2 and summary.faces == 5
     for name, (masked, mask, polys, faces) in expected.items():
         # the turned head at the right of obama_and_biden: its eyes give a crop that ends just inside its
@@ -481,7 +495,8 @@ def test_group_photos(tmp_path, ckpts, aligner):
     assert _hashes(inp) == before
 
     (inp / "obama_and_biden.png").unlink()
-    largest = run_infer(inp, tmp_path / "largest", ckpts["plain"], masks_dir=maps, device="cpu", detector=HOG, all_faces=False)
+    largest = run_infer(_cfg(ckpts["plain"], masks=maps, device="cpu", detector=HOG, all_faces=False),
+                        inp, tmp_path / "largest")
     assert largest.faces == 1
     masked, mask, polys, _ = expected["two_people"]
     result = read_image(tmp_path / "largest" / "two_people.png")
@@ -505,7 +520,7 @@ def test_rgba_png_keeps_alpha(tmp_path, ckpts, aligner):
     maps.mkdir()
     Image.fromarray(np.dstack([masked_rgb, rgba[:, :, 3]])).save(inp / "alpha.png")
     _png(maps / "alpha.png", mask)
-    summary = run_infer(inp, tmp_path / "out", ckpts["plain"], masks_dir=maps, device="cpu")
+    summary = run_infer(_cfg(ckpts["plain"], masks=maps, device="cpu"), inp, tmp_path / "out")
     assert summary.processed == 1
     with Image.open(tmp_path / "out" / "alpha.png") as img:
         assert img.mode == "RGBA"
@@ -542,7 +557,8 @@ def test_bad_files_no_face_and_mask_errors(tmp_path, ckpts, aligner, astronaut):
     from unmask_cli.progress import make_progress
 
     with make_progress(Console(file=io.StringIO()), unit="img") as progress:
-        summary = run_infer(inp, out, ckpts["plain"], masks_dir=maps, compare=True, device="cpu", detector=HOG, progress=progress)
+        summary = run_infer(_cfg(ckpts["plain"], masks=maps, compare=True, device="cpu", detector=HOG),
+                            inp, out, progress)
     (task,) = progress.tasks
     assert task.total == task.completed == 6
     reasons = {name: reason for name, reason, _ in summary.skipped_files}
@@ -572,14 +588,37 @@ def test_refusals(tmp_path, ckpts, astronaut):
     _png(inp / "a.png", astronaut)
     for bad in (inp, inp / "out", inp / "deeper" / "out"):
         with pytest.raises(UnmaskError, match="must not be the input folder or inside it") as info:
-            run_infer(inp, bad, ckpts["plain"], device="cpu")
+            run_infer(_cfg(ckpts["plain"], device="cpu"), inp, bad)
         assert "\n" not in str(info.value)
     assert sorted(p.name for p in inp.iterdir()) == ["a.png"]
     with pytest.raises(UnmaskError, match="no map module"):
-        run_infer(inp, tmp_path / "out", ckpts["no_map"], device="cpu")
+        run_infer(_cfg(ckpts["no_map"], device="cpu"), inp, tmp_path / "out")
     with pytest.raises(UnmaskError, match="holds inputs"):  # --save-masks would overwrite the supplied maps
-        run_infer(inp, tmp_path / "out", ckpts["plain"], masks_dir=tmp_path / "out" / "masks", save_masks=True)
+        run_infer(_cfg(ckpts["plain"], masks=tmp_path / "out" / "masks", save_masks=True),
+                  inp, tmp_path / "out")
     with pytest.raises(UnmaskError, match="threshold"):
-        run_infer(inp, tmp_path / "out", ckpts["plain"], threshold=1.5)
+        options = {"infer.checkpoint": str(ckpts["plain"]), "infer.threshold": 1.5}
+        run_infer(load_config(options=options).infer, inp, tmp_path / "out")  # refused by the config check
     with pytest.raises(UnmaskError, match="input folder not found"):
-        run_infer(tmp_path / "missing", tmp_path / "out", ckpts["plain"])
+        run_infer(_cfg(ckpts["plain"]), tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(UnmaskError, match=r"^infer needs a checkpoint \(--checkpoint or infer.checkpoint\)$"):
+        run_infer(InferConfig(), inp, tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_unmasker_uses_the_shared_device_policy():
+    """setup_device's policy, plus channels_last on the CPU (faster NHWC inference, same outputs as before)."""
+    from unmask_cli.inference import Unmasker, inference_device
+    from unmask_cli.models import UNetGenerator
+
+    setup = inference_device("cpu")
+    assert setup.device.type == "cpu" and setup.channels_last and not setup.amp
+    net = Unmasker(UNetGenerator(4, 3, ngf=8, image_size=64), None, 64, setup)
+    assert net.describe() == "cpu, channels_last, inference_mode, BN folded"
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.G.parameters() if p.dim() == 4)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    maps = np.zeros((2, 64, 64), bool)
+    maps[:, 32:] = True
+    out, used = net(images, maps)
+    assert out.dtype == np.uint8 and out.shape == images.shape and np.array_equal(used, maps)
+    assert np.array_equal(out[~maps], images[~maps])  # the input outside the map, exactly

@@ -31,16 +31,20 @@ for byte.
 Faces of several photos are batched together (``batch_size`` crops per forward pass); photos are held
 in memory only until their last face is done. Every output is written atomically; a rerun skips
 inputs whose outputs all exist (resumable) unless ``overwrite=True``. Speed: ``torch.inference_mode``,
-channels_last weights and inputs (CPU and CUDA), fp16 autocast on CUDA only, and BatchNorm folded into
-the preceding (transposed) convolution (checked against plain eager fp32: max abs diff < 1e-4 on the
-[-1, 1] output, see tests/test_inference.py and benchmarks/infer.py).
+the device policy of :func:`unmask_cli.device.setup_device` (fp16 autocast and channels_last on CUDA)
+with channels_last on the CPU as well (:func:`inference_device`), and BatchNorm folded into the
+preceding (transposed) convolution (tests/test_inference.py holds it to plain eager fp32 within 1e-4 on
+the [-1, 1] output; benchmarks/infer.py measures both).
+
+Settings come from the ``infer`` section of the config (:class:`unmask_cli.config.InferConfig`, where
+every default lives); :class:`InferJob` is one run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
+import dataclasses
 import functools
 import io
 import os
@@ -53,6 +57,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from unmask_cli.config import InferConfig
+from unmask_cli.device import DeviceSetup, setup_device
 from unmask_cli.errors import BadInput, UnmaskError
 from unmask_cli.fileio import (
     atomic_write_bytes,
@@ -64,6 +70,7 @@ from unmask_cli.fileio import (
     read_mask,
     remove_temp_files,
 )
+from unmask_cli.tensors import from_uint8, to_uint8
 
 MASKS_SUBDIR = "masks"
 COMPARE_SUBDIR = "compare"
@@ -137,40 +144,41 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     return net
 
 
-class Unmasker:
-    """G (and M) prepared for fast batched inference on one device."""
+def inference_device(spec: str | None = "auto") -> DeviceSetup:
+    """The shared device policy (:func:`unmask_cli.device.setup_device`: fp16 autocast, channels_last and
+    cuDNN autotuning on CUDA), plus channels_last on the CPU, as infer has always run there: NCHW
+    convolutions round differently in the last float bit, which can flip a uint8 output pixel, and a
+    rerun with a newer unmask should write the same bytes. ``DeviceSetup`` has no inference flag for this
+    yet, hence the local override."""
+    setup = setup_device(spec, amp=True)
+    if setup.device.type == "cpu":
+        setup = dataclasses.replace(setup, channels_last=True)
+    return setup
 
-    def __init__(self, G: nn.Module, M: nn.Module | None, image_size: int, device: torch.device,
+
+class Unmasker:
+    """G (and M) prepared for fast batched inference under one :class:`DeviceSetup`."""
+
+    def __init__(self, G: nn.Module, M: nn.Module | None, image_size: int, setup: DeviceSetup,
                  threshold: float = 0.5, fold_bn: bool = True):
-        self.device = device
+        self.setup = setup
+        self.device = setup.device
         self.image_size = image_size
         self.threshold = threshold
-        self.channels_last = device.type in ("cpu", "cuda")
-        self.amp = device.type == "cuda"
         self.folded = fold_bn
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         prep = fold_batchnorm if fold_bn else (lambda n: copy.deepcopy(n).eval())
-        self.G = prep(G).to(device=device, memory_format=fmt).eval()
-        self.M = prep(M).to(device=device, memory_format=fmt).eval() if M is not None else None
+        self.G = setup.module(prep(G)).eval()
+        self.M = setup.module(prep(M)).eval() if M is not None else None
 
     def describe(self) -> str:
-        extras = ["inference_mode"]
-        if self.channels_last:
-            extras.append("channels_last")
-        if self.amp:
-            extras.append("fp16 autocast")
-        if self.folded:
-            extras.append("BN folded")
-        name = str(self.device)
-        if self.device.type == "cuda":
-            name += f" ({torch.cuda.get_device_name(self.device)})"
-        return f"{name}, {', '.join(extras)}"
+        extras = ["inference_mode"] + (["BN folded"] if self.folded else [])
+        return f"{self.setup.describe()}, {', '.join(extras)}"
 
-    def _tensor(self, nhwc: np.ndarray) -> torch.Tensor:
-        """(N, H, W, C) array -> (N, C, H, W) tensor on the device; the NHWC buffer already is channels_last."""
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+    def _images(self, nhwc: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1] on the device. The uint8 buffer is what crosses to
+        the device (a quarter of the float bytes), and its NHWC layout already is channels_last."""
         t = torch.from_numpy(np.ascontiguousarray(nhwc)).to(self.device, non_blocking=self.device.type == "cuda")
-        return t.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+        return self.setup.batch(from_uint8(t))
 
     def __call__(self, images: np.ndarray, maps: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """``images`` (N, S, S, 3) uint8, ``maps`` (N, S, S) bool or None (predict them).
@@ -181,19 +189,16 @@ class Unmasker:
 
         if maps is None and self.M is None:
             raise UnmaskError("no mask maps given and the checkpoint has no map module")
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
-            x = self._tensor(images).float().div_(127.5).sub_(1.0)
+        with torch.inference_mode(), self.setup.autocast():
+            x = self._images(images)
             if maps is None:
                 m = predict_map(self.M, x, self.threshold).float()
             else:
-                m = self._tensor(maps[:, :, :, None].astype(np.float32))
+                m = self.setup.batch(torch.from_numpy(maps[:, None].astype(np.float32)))
             generated = self.G(generator_input(x, m)).float()
-            out = composite(x, m, generated)
-            out = out.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
-            out_np = out.permute(0, 2, 3, 1).cpu().numpy()
+            out = to_uint8(composite(x, m, generated))
             maps_np = (m[:, 0] > 0.5).cpu().numpy()
-        return np.ascontiguousarray(out_np), maps_np
+        return out, maps_np
 
 
 # ----------------------------------------------------------------------------------------- image helpers
@@ -328,7 +333,7 @@ def _crop_size(quad: np.ndarray, image_size: int) -> int:
 
 @functools.lru_cache(maxsize=2)
 def _aligner(landmarks_path: str | None, detector: str, alignment: str):
-    """Face detector + 68-landmark predictor for one alignment, loaded once per process (~2-3 s)."""
+    """Face detector + 68-landmark predictor for one alignment, loaded once per process (the models take seconds)."""
     from unmask_cli.faces import FaceAligner
 
     return FaceAligner(size=256, landmarks_path=landmarks_path, detector=detector, alignment=alignment)
@@ -387,116 +392,192 @@ def _check_folders(in_dir: Path, out_dir: Path, masks_dir: Path | None, save_mas
         raise UnmaskError("the mask folder must not be the input folder (maps and photos share file stems)", masks_dir)
 
 
-def run_infer(
-    in_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    checkpoint: str | os.PathLike,
-    *,
-    masks_dir: str | os.PathLike | None = None,
-    aligned: bool = False,
-    threshold: float = 0.5,
-    save_masks: bool = False,
-    compare: bool = False,
-    batch_size: int = 8,
-    device: str = "auto",
-    all_faces: bool = True,
-    landmarks_path: str | os.PathLike | None = None,
-    progress=None,
-    overwrite: bool = False,
-    fold_bn: bool = True,
-    detector: str = "yunet",
-) -> InferSummary:
+def resolve_checkpoint(cfg: InferConfig) -> Path:
+    """The checkpoint infer runs: ``infer.checkpoint``. The one place a default model will be resolved
+    once unmask ships one."""
+    if cfg.checkpoint is None:
+        raise UnmaskError("infer needs a checkpoint (--checkpoint or infer.checkpoint)")
+    return Path(cfg.checkpoint)
+
+
+def run_infer(cfg: InferConfig, in_dir: str | os.PathLike, out_dir: str | os.PathLike,
+              progress=None) -> InferSummary:
     """Unmask every image of ``in_dir`` into ``out_dir`` (same names and formats). See the module doc.
 
+    ``cfg`` is the validated ``infer`` section of the config (:func:`unmask_cli.config.load_config`).
     Per-file problems (not an image, unreadable, missing or wrong-size mask map) are skipped with a reason
     and listed in the summary and ``OUT_DIR/skipped.csv``; setup problems raise :class:`UnmaskError`.
     """
-    from unmask_cli.checkpoints import build_networks_from_checkpoint
-    from unmask_cli.device import choose_device
-    from unmask_cli.faces import check_detector
+    return InferJob(cfg, Path(in_dir), Path(out_dir), progress).run()
 
-    check_detector(detector)
 
-    start = time.perf_counter()
-    in_dir, out_dir = Path(in_dir), Path(out_dir)
-    masks_path = Path(masks_dir) if masks_dir is not None else None
-    if not 0.0 < threshold < 1.0:
-        raise UnmaskError(f"--threshold must be in (0, 1), got {threshold}")
-    if batch_size < 1:
-        raise UnmaskError(f"--batch-size must be >= 1, got {batch_size}")
-    _check_folders(in_dir, out_dir, masks_path, save_masks, compare)
-    masks = _MaskIndex(masks_path) if masks_path is not None else None
+class InferJob:
+    """One ``unmask infer`` run. The constructor checks the folders, loads the networks and the face aligner
+    and prepares OUT_DIR; :meth:`run` then streams the files: :meth:`submit` each one (resume check,
+    :meth:`load`), queue its faces, run the network on full batches (:meth:`flush`), :meth:`apply` each
+    result to its photo and, once a photo's last face is back, :meth:`finish` it (write, free)."""
 
-    dev = choose_device(device)
-    model = build_networks_from_checkpoint(checkpoint, "cpu")
-    if masks is None and model.M is None:
-        raise UnmaskError("this checkpoint has no map module (trained with model.map_module off); pass --masks DIR "
-                          "with one mask map per image", checkpoint)
-    size = model.image_size
-    net = Unmasker(model.G, model.M if masks is None else None, size, dev, threshold, fold_bn)
-    aligner = None if aligned else _aligner(str(landmarks_path) if landmarks_path else None, detector,
-                                            model.alignment)
+    def __init__(self, cfg: InferConfig, in_dir: Path, out_dir: Path, progress=None):
+        self.start = time.perf_counter()
+        self.cfg, self.in_dir, self.out_dir = cfg, in_dir, out_dir
+        checkpoint = resolve_checkpoint(cfg)
+        masks_dir = Path(cfg.masks) if cfg.masks is not None else None
+        _check_folders(in_dir, out_dir, masks_dir, cfg.save_masks, cfg.compare)
+        self.masks = _MaskIndex(masks_dir) if masks_dir is not None else None
+        model = self._load_model(checkpoint)
+        self.aligner = None if cfg.aligned else _aligner(cfg.landmarks or None, cfg.detector, model.alignment)
+        self.files = list_files(in_dir)
+        self.stems = Counter(p.stem for p in self.files if is_image_name(p))
+        self.summary = InferSummary(
+            in_dir=str(in_dir), out_dir=str(out_dir), checkpoint=str(checkpoint), device=self.net.describe(),
+            mode="aligned" if cfg.aligned else "photos", mask_source="predicted" if self.masks is None else "supplied",
+            detector=cfg.detector, alignment=model.alignment, image_size=self.size, weights=model.weights,
+            files=len(self.files), folded_bn=cfg.fold_bn)
+        self._prepare_outputs()
+        self.progress = progress
+        self.task = progress.add_task("infer", total=len(self.files)) if progress is not None else None
+        self.queue: list[_Face] = []  # faces waiting for a full batch
 
-    files = list_files(in_dir)
-    summary = InferSummary(in_dir=str(in_dir), out_dir=str(out_dir), checkpoint=str(checkpoint),
-                           device=net.describe(), mode="aligned" if aligned else "photos",
-                           mask_source="supplied" if masks is not None else "predicted", detector=detector,
-                           alignment=model.alignment, image_size=size, weights=model.weights, files=len(files), folded_bn=fold_bn)
-    ensure_dir(out_dir)
-    side_dirs = [out_dir] + [out_dir / d for d, on in ((MASKS_SUBDIR, save_masks), (COMPARE_SUBDIR, compare)) if on]
-    for folder in side_dirs:
-        ensure_dir(folder)
-        remove_temp_files(folder)
+    def _load_model(self, checkpoint: Path):
+        """Set up ``self.net`` (the networks prepared on the configured device) and ``self.size``; returns
+        the loaded :class:`~unmask_cli.checkpoints.TrainedModel` for its metadata."""
+        from unmask_cli.checkpoints import build_networks_from_checkpoint
 
-    stems = Counter(p.stem for p in files if is_image_name(p))
-    task = progress.add_task("infer", total=len(files)) if progress is not None else None
+        setup = inference_device(self.cfg.device)
+        model = build_networks_from_checkpoint(checkpoint, "cpu")  # Unmasker moves the prepared copies
+        if self.masks is None and model.M is None:
+            raise UnmaskError("this checkpoint has no map module (trained with model.map_module off); pass "
+                              "--masks DIR with one mask map per image", checkpoint)
+        self.size = model.image_size
+        self.net = Unmasker(model.G, model.M if self.masks is None else None, self.size, setup,
+                            self.cfg.threshold, self.cfg.fold_bn)
+        return model
 
-    def advance() -> None:
-        if progress is not None:
-            progress.advance(task)
+    def _prepare_outputs(self) -> None:
+        """Create OUT_DIR (and its side folders) and drop the temp files an interrupted run left there."""
+        ensure_dir(self.out_dir)
+        on = ((MASKS_SUBDIR, self.cfg.save_masks), (COMPARE_SUBDIR, self.cfg.compare))
+        for folder in [self.out_dir] + [self.out_dir / sub for sub, wanted in on if wanted]:
+            ensure_dir(folder)
+            remove_temp_files(folder)
 
-    def out_paths(path: Path, key: str) -> tuple[Path, Path | None, Path | None]:
-        return (out_dir / path.name,
-                out_dir / MASKS_SUBDIR / f"{key}.png" if save_masks else None,
-                out_dir / COMPARE_SUBDIR / f"{key}.jpg" if compare else None)
+    # -------------------------------------------------------------------------------------------- run
 
-    def skip(path: Path, err: BadInput) -> None:
-        summary.skipped_files.append((path.name, err.reason, str(err)))
-        advance()
+    def run(self) -> InferSummary:
+        for path in self.files:
+            self.submit(path)
+        self.flush(1)
+        summary = self.summary
+        summary.skipped = dict(Counter(reason for _, reason, _ in summary.skipped_files))
+        _write_skipped(self.out_dir, summary.skipped_files)
+        summary.seconds = time.perf_counter() - self.start
+        return summary
 
-    def write_side(item: _Item, result: np.ndarray, used_map: np.ndarray) -> None:
-        _, mask_out, compare_out = out_paths(item.path, item.key)
-        if mask_out is not None:
-            _write(mask_out, encode_image(used_map.astype(np.uint8) * 255, ".png"))
-        if compare_out is not None:
-            _write(compare_out, encode_image(np.concatenate([item.image, result], axis=1), ".jpg", JPEG_QUALITY))
+    def submit(self, path: Path) -> None:
+        """Take one file of IN_DIR: skip it, count it done, copy it through, or queue its faces."""
+        if not is_image_name(path):
+            self.skip(path, BadInput("not an image (unsupported file extension)", path, "not an image"))
+            return
+        key = path.stem if self.stems[path.stem] == 1 else path.name
+        targets = [p for p in self.out_paths(path, key) if p is not None]
+        if not self.cfg.overwrite and all(p.exists() for p in targets):  # done by an earlier run
+            self.summary.already_done += 1
+            self.advance()
+            return
+        try:
+            item = self.load(path, key, targets[0])
+        except BadInput as err:
+            self.skip(path, err)
+            return
+        except MemoryError:
+            self.skip(path, BadInput("out of memory while decoding", path, "too large"))
+            return
+        if item is None:  # no face: already copied through
+            return
+        if not item.faces:  # every face of the photo has an empty map
+            self.finish(item)
+            return
+        item.pending = len(item.faces)
+        self.queue.extend(item.faces)
+        self.flush(self.cfg.batch_size)
 
-    def copy_through(item: _Item) -> None:
-        write_side(item, item.image, np.zeros(item.image.shape[:2], bool))
-        _write(item.output, item.path.read_bytes())  # byte copy, last: its existence marks the file done
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
 
-    def finish(item: _Item) -> None:
-        summary.faces_empty_map += item.empty_faces + len(item.faces) - item.edited_faces
-        if item.edited_faces == 0:
-            summary.unchanged += 1
-            copy_through(item)
-        else:
-            result = item.result
-            write_side(item, result, item.used_map)
-            alpha = None
-            if item.alpha is not None:  # keep the original RGB (and alpha) wherever nothing was edited
-                raw, alpha = item.alpha
-                changed = (result != item.image).any(axis=2)
-                result = np.where(changed[:, :, None], result, raw)
-            _write(item.output, _encode(result, item.output.suffix, alpha))
-            summary.processed += 1
-            summary.faces += item.edited_faces
-        item.faces.clear()
-        item.image = item.result = item.used_map = item.photo_map = None  # type: ignore[assignment]
-        advance()
+    def out_paths(self, path: Path, key: str) -> tuple[Path, Path | None, Path | None]:
+        """(output, mask map, side-by-side) of one input; None for the side outputs not asked for."""
+        return (self.out_dir / path.name,
+                self.out_dir / MASKS_SUBDIR / f"{key}.png" if self.cfg.save_masks else None,
+                self.out_dir / COMPARE_SUBDIR / f"{key}.jpg" if self.cfg.compare else None)
 
-    def apply(face: _Face, comp: np.ndarray, model_map: np.ndarray) -> None:
-        """Put one network result into its item (at the crop's own resolution)."""
+    def skip(self, path: Path, err: BadInput) -> None:
+        self.summary.skipped_files.append((path.name, err.reason, str(err)))
+        self.advance()
+
+    # ------------------------------------------------------------------------------------------ load
+
+    def load(self, path: Path, key: str, output: Path) -> _Item | None:
+        """Read one input and prepare its faces; None when it was copied through (no face)."""
+        image = read_image(path)
+        photo_map = read_mask(self.masks.find(path.stem, path), image.shape[:2]) if self.masks is not None else None
+        item = _Item(path=path, key=key, output=output, image=image, alpha=_read_alpha(path), photo_map=photo_map)
+        if self.cfg.aligned:  # the file is the crop: one face, composited in place
+            item.faces.append(self._face(item, image, photo_map, None))
+            item.result, item.used_map = image, np.zeros(image.shape[:2], bool)
+            return item
+        try:
+            found, guided = self.aligner.find_faces(image, path, photo_map, self.cfg.all_faces)
+        except BadInput as err:
+            if err.reason not in NO_FACE_REASONS:
+                raise
+            self.summary.no_face += 1
+            self.summary.no_face_files.append((path.name, err.reason))
+            self.copy_through(item)
+            self.advance()
+            return None
+        self.summary.faces_from_maps += guided
+        item.result, item.used_map = image.copy(), np.zeros(image.shape[:2], bool)
+        for face in found:
+            self._add_photo_face(item, face)
+        return item
+
+    def _add_photo_face(self, item: _Item, face) -> None:
+        """Align one face of a photo at its own resolution (the crop prepare makes) and queue it, unless its
+        supplied map is empty there (nothing to do: the network is skipped)."""
+        import cv2
+
+        crop_side = _crop_size(self.aligner.quad(face), self.size)
+        aligned = self.aligner.align(item.image, face, crop_side)
+        crop_map = None
+        if item.photo_map is not None:
+            crop_map = cv2.warpAffine(item.photo_map.astype(np.uint8), aligned.matrix, (crop_side, crop_side),
+                                      flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0) > 0
+            if not crop_map.any():
+                item.empty_faces += 1
+                return
+        item.faces.append(self._face(item, aligned.image, crop_map, aligned.matrix))
+
+    def _face(self, item: _Item, crop: np.ndarray, crop_map: np.ndarray | None, matrix: np.ndarray | None) -> _Face:
+        size = self.size
+        return _Face(item, _resize(crop, size, size), _map_down(crop_map, size) if crop_map is not None else None,
+                     crop, crop_map, matrix)
+
+    # ------------------------------------------------------------------------------- network, results
+
+    def flush(self, limit: int) -> None:
+        """Run the network on batches of queued faces while at least ``limit`` wait (1: everything left)."""
+        batch_size = self.cfg.batch_size
+        while len(self.queue) >= limit and self.queue:
+            batch, self.queue = self.queue[:batch_size], self.queue[batch_size:]
+            images = np.stack([f.model_in for f in batch])
+            maps = None if self.masks is None else np.stack([f.model_map for f in batch])
+            comps, model_maps = self.net(images, maps)
+            for face, comp, model_map in zip(batch, comps, model_maps, strict=True):
+                self.apply(face, comp, model_map)
+
+    def apply(self, face: _Face, comp: np.ndarray, model_map: np.ndarray) -> None:
+        """Put one network result into its item (at the crop's own resolution); finish the item after its last."""
         item = face.item
         h, w = face.crop.shape[:2]
         crop_map = face.crop_map if face.crop_map is not None else _map_up(model_map, w, h)
@@ -507,98 +588,44 @@ def run_infer(
                 item.result = edited
                 item.used_map = crop_map
             else:
-                _paste_face(item, edited, crop_map, face.matrix, save_masks)
+                _paste_face(item, edited, crop_map, face.matrix, self.cfg.save_masks)
         item.pending -= 1
         if item.pending == 0:
-            finish(item)
+            self.finish(item)
 
-    queue: list[_Face] = []
+    # ---------------------------------------------------------------------------------------- write
 
-    def flush(limit: int) -> None:
-        while len(queue) >= limit and queue:
-            batch, queue[:] = queue[:batch_size], queue[batch_size:]
-            images = np.stack([f.model_in for f in batch])
-            maps = None if masks is None else np.stack([f.model_map for f in batch])
-            comps, model_maps = net(images, maps)
-            for face, comp, model_map in zip(batch, comps, model_maps, strict=True):
-                apply(face, comp, model_map)
+    def finish(self, item: _Item) -> None:
+        """Write an item whose faces are all done (or copy it through when none was edited), then free it."""
+        self.summary.faces_empty_map += item.empty_faces + len(item.faces) - item.edited_faces
+        if item.edited_faces == 0:
+            self.summary.unchanged += 1
+            self.copy_through(item)
+        else:
+            result = item.result
+            self.write_side(item, result, item.used_map)
+            alpha = None
+            if item.alpha is not None:  # keep the original RGB (and alpha) wherever nothing was edited
+                raw, alpha = item.alpha
+                changed = (result != item.image).any(axis=2)
+                result = np.where(changed[:, :, None], result, raw)
+            _write(item.output, _encode(result, item.output.suffix, alpha))  # last: it marks the file done
+            self.summary.processed += 1
+            self.summary.faces += item.edited_faces
+        item.faces.clear()
+        item.image = item.result = item.used_map = item.photo_map = None  # type: ignore[assignment]
+        self.advance()
 
-    def load(path: Path, key: str, output: Path) -> _Item | None:
-        """Read one input and prepare its faces; None when it was copied through (no face)."""
-        image = read_image(path)
-        H, W = image.shape[:2]
-        photo_map = read_mask(masks.find(path.stem, path), (H, W)) if masks is not None else None
-        item = _Item(path=path, key=key, output=output, image=image,
-                     alpha=_read_alpha(path), photo_map=photo_map)
-        if aligned:
-            crop_map = photo_map
-            item.faces.append(_Face(item, _resize(image, size, size),
-                                    _map_down(crop_map, size) if crop_map is not None else None,
-                                    image, crop_map, None))
-            item.result, item.used_map = image, np.zeros((H, W), bool)
-            return item
-        import cv2
+    def copy_through(self, item: _Item) -> None:
+        self.write_side(item, item.image, np.zeros(item.image.shape[:2], bool))
+        _write(item.output, item.path.read_bytes())  # byte copy, last: its existence marks the file done
 
-        try:
-            found, guided = aligner.find_faces(image, path, photo_map, all_faces)
-        except BadInput as err:
-            if err.reason not in NO_FACE_REASONS:
-                raise
-            summary.no_face += 1
-            summary.no_face_files.append((path.name, err.reason))
-            copy_through(item)
-            advance()
-            return None
-        summary.faces_from_maps += guided
-        item.result, item.used_map = image.copy(), np.zeros((H, W), bool)
-        for face in found:
-            crop_side = _crop_size(aligner.quad(face), size)
-            face_crop = aligner.align(image, face, crop_side)  # the crop prepare makes, at the face's own size
-            crop, matrix = face_crop.image, face_crop.matrix
-            crop_map = None
-            if photo_map is not None:
-                crop_map = cv2.warpAffine(photo_map.astype(np.uint8), matrix, (crop_side, crop_side),
-                                          flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0) > 0
-                if not crop_map.any():  # a face without a mask: nothing to do, skip the network
-                    item.empty_faces += 1
-                    continue
-            item.faces.append(_Face(item, _resize(crop, size, size),
-                                    _map_down(crop_map, size) if crop_map is not None else None,
-                                    crop, crop_map, matrix))
-        return item
-
-    for path in files:
-        if not is_image_name(path):
-            skip(path, BadInput("not an image (unsupported file extension)", path, "not an image"))
-            continue
-        key = path.stem if stems[path.stem] == 1 else path.name
-        targets = [p for p in out_paths(path, key) if p is not None]
-        if not overwrite and all(p.exists() for p in targets):
-            summary.already_done += 1
-            advance()
-            continue
-        try:
-            item = load(path, key, targets[0])
-        except BadInput as err:
-            skip(path, err)
-            continue
-        except MemoryError:
-            skip(path, BadInput("out of memory while decoding", path, "too large"))
-            continue
-        if item is None:
-            continue
-        if not item.faces:  # every face of the photo has an empty map
-            finish(item)
-            continue
-        item.pending = len(item.faces)
-        queue.extend(item.faces)
-        flush(batch_size)
-    flush(1)
-
-    summary.skipped = dict(Counter(reason for _, reason, _ in summary.skipped_files))
-    _write_skipped(out_dir, summary.skipped_files)
-    summary.seconds = time.perf_counter() - start
-    return summary
+    def write_side(self, item: _Item, result: np.ndarray, used_map: np.ndarray) -> None:
+        _, mask_out, compare_out = self.out_paths(item.path, item.key)
+        if mask_out is not None:
+            _write(mask_out, encode_image(used_map.astype(np.uint8) * 255, ".png"))
+        if compare_out is not None:
+            _write(compare_out, encode_image(np.concatenate([item.image, result], axis=1), ".jpg", JPEG_QUALITY))
 
 
 def _write_skipped(out_dir: Path, rows: list[tuple[str, str, str]]) -> None:
