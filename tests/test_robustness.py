@@ -333,7 +333,7 @@ def test_prepare_non_utf8_file_name(cli, tmp_path, astronaut):
 @pytest.mark.skipif(IS_ROOT, reason="runs as root: root reads a chmod-000 file (test_unreadable_file covers "
                     "this through the CLI with root's override capabilities dropped)")
 def test_prepare_and_infer_unreadable_file_same_user(tmp_path, astronaut, ckpts):
-    from unmask_cli.inference import run_infer
+    from unmask_cli.inference import InferConfig, run_infer
     from unmask_cli.prepare import PrepareOptions, run_prepare
 
     src = tmp_path / "src"
@@ -342,7 +342,7 @@ def test_prepare_and_infer_unreadable_file_same_user(tmp_path, astronaut, ckpts)
     write(src / "locked.jpg", jpeg_bytes(astronaut)).chmod(0)
     summary = run_prepare(PrepareOptions(out=tmp_path / "p", source=src, num_samples=2, size=SIZE))
     assert summary.skipped == {"unreadable": 1} and summary.written == 2
-    infer = run_infer(src, tmp_path / "i", ckpts["plain"], device="cpu")
+    infer = run_infer(InferConfig(checkpoint=str(ckpts["plain"]), device="cpu"), src, tmp_path / "i")
     assert [(n, r) for n, r, _ in infer.skipped_files] == [("locked.jpg", "unreadable")]
 
 
@@ -391,7 +391,7 @@ def test_infer_exif_output_is_upright(inferred, exif_upright):
 
 def test_infer_many_faces_with_supplied_maps(tmp_path, ckpts, face_tile):
     """Six masked faces in one photo, each located and unmasked."""
-    from unmask_cli.inference import run_infer
+    from unmask_cli.inference import InferConfig, run_infer
 
     photo = tiled(face_tile, 2, 3)
     mask = np.zeros(photo.shape[:2], np.uint8)
@@ -405,8 +405,8 @@ def test_infer_many_faces_with_supplied_maps(tmp_path, ckpts, face_tile):
     write(tmp_path / "in" / "crowd.png", png_bytes(masked))
     write(tmp_path / "maps" / "crowd.png", png_bytes(mask))
     # HOG only (it finds none of them): every face is located from its map
-    summary = run_infer(tmp_path / "in", tmp_path / "out", ckpts["plain"], masks_dir=tmp_path / "maps", device="cpu",
-                        detector="hog")
+    summary = run_infer(InferConfig(checkpoint=str(ckpts["plain"]), masks=str(tmp_path / "maps"), device="cpu",
+                                    detector="hog"), tmp_path / "in", tmp_path / "out")
     assert summary.processed == 1 and summary.faces == 6 and summary.faces_from_maps == 6
     result = read_image(tmp_path / "out" / "crowd.png")
     for row in range(2):
