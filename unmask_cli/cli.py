@@ -52,6 +52,12 @@ def _default(key: str) -> str:
     return f" Config key {key} (default {shown})."
 
 
+def _sample_defaults() -> str:
+    from unmask_cli.config import PrepareConfig
+
+    return f"{PrepareConfig.SOURCE_SAMPLES} from a source, {PrepareConfig.BUILTIN_SAMPLES} from the built-in samples"
+
+
 def _config(config: Path | None, set_: list[str] | None, options: dict):
     """The command's config: defaults <- --config <- --set <- the command's own options (None = not given)."""
     from unmask_cli.config import load_config
@@ -63,7 +69,7 @@ def _config(config: Path | None, set_: list[str] | None, options: dict):
 def prepare(
     source: Annotated[Path | None, typer.Option(help="Folder of unmasked face photos (e.g. CelebA img_align_celeba); none = the built-in sample portraits." + _default("prepare.source"))] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (or the sheet PNG with --preview)." + _default("data.root"))] = None,
-    num_samples: Annotated[int | None, typer.Option(help="Samples to write (faces are reused with fresh masks when there are fewer); none = 10000 from a source, 256 from the built-in samples." + _default("prepare.num_samples"))] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Samples to write (faces are reused with fresh masks when there are fewer); none = " + _sample_defaults() + "." + _default("prepare.num_samples"))] = None,
     size: Annotated[int | None, typer.Option(help="Aligned crop size in pixels." + _default("prepare.size"))] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes." + _default("prepare.workers"))] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for masks and the split." + _default("prepare.seed"))] = None,
@@ -81,8 +87,8 @@ def prepare(
 
     Writes [bold]original_celeba_aligned/[/], [bold]masked_images/[/], [bold]mask_maps/[/], manifest.jsonl (source, box, landmarks, mask, split) and skipped.csv. Resumable: rerun the same command after a kill.
     """
-    from unmask_cli.prepare import run_prepare, summary_table
     from unmask_cli.prepare import preview as make_preview
+    from unmask_cli.prepare import run_prepare, summary_table
 
     options = {"prepare.source": source, "data.root": out, "prepare.num_samples": num_samples, "prepare.size": size,
                "prepare.workers": workers, "prepare.seed": seed, "prepare.mask_types": mask_types,
@@ -91,8 +97,6 @@ def prepare(
     cfg = _config(config, set_, options)
     pc, root = cfg.prepare, Path(cfg.data.root)
     if preview is not None:
-        if root.suffix.lower() != ".png":
-            raise UnmaskError("with --preview, --out must be a .png file path", root)
         count = make_preview(pc, preview, root)
         console.print(f"preview sheet with {count} samples (original | masked | map): [bold]{root}[/]")
         return

@@ -410,6 +410,8 @@ def summary_table(summary: PrepareSummary):
 
 def preview(opts: PrepareConfig, count: int, sheet_path: Path) -> int:
     """Write a contact sheet of ``count`` random samples (original | masked | map) without a dataset."""
+    if Path(sheet_path).suffix.lower() != ".png":
+        raise UnmaskError("with --preview, --out must be a .png file path", sheet_path)
     from unmask_cli.fileio import write_image
     from unmask_cli.masks import parse_mask_types, preview_sheet, synthesize
 
