@@ -36,7 +36,8 @@ import time
 import numpy as np
 import torch
 
-from unmask_cli.inference import Unmasker, inference_device
+from unmask_cli.device import setup_device
+from unmask_cli.inference import Unmasker
 from unmask_cli.models import UNetGenerator, composite, generator_input
 
 PHOTO_PATHS = {"new: yunet + visible": ("yunet", "visible"), "today: hog+cnn + ffhq": ("hog+cnn", None)}
@@ -183,7 +184,7 @@ def main() -> None:
 
     G = _generator(args.size, args.ngf)
     G_cl = copy.deepcopy(G).to(memory_format=torch.channels_last)
-    net = Unmasker(G, None, args.size, inference_device("cpu"), fold_bn=True)
+    net = Unmasker(G, None, args.size, setup_device("cpu", inference=True), fold_bn=True)
     images, maps = _inputs(args.images, args.size)
 
     variants = {

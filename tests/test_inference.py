@@ -608,10 +608,11 @@ def test_refusals(tmp_path, ckpts, astronaut):
 
 def test_unmasker_uses_the_shared_device_policy():
     """setup_device's policy, plus channels_last on the CPU (faster NHWC inference, same outputs as before)."""
-    from unmask_cli.inference import Unmasker, inference_device
+    from unmask_cli.device import setup_device
+    from unmask_cli.inference import Unmasker
     from unmask_cli.models import UNetGenerator
 
-    setup = inference_device("cpu")
+    setup = setup_device("cpu", inference=True)
     assert setup.device.type == "cpu" and setup.channels_last and not setup.amp
     net = Unmasker(UNetGenerator(4, 3, ngf=8, image_size=64), None, 64, setup)
     assert net.describe() == "cpu, channels_last, inference_mode, BN folded"

@@ -85,10 +85,13 @@ class DeviceSetup:
         return name + (f", {', '.join(extras)}" if extras else "")
 
 
-def setup_device(spec: str | None = "auto", amp: bool = True) -> DeviceSetup:
-    """Pick the device; on CUDA turn on AMP (if ``amp``), channels_last and cuDNN autotuning."""
+def setup_device(spec: str | None = "auto", amp: bool = True, inference: bool = False) -> DeviceSetup:
+    """The one device and precision policy of train, eval and infer: on CUDA, AMP (if ``amp``),
+    channels_last and cuDNN autotuning. ``inference`` (``unmask infer``) also runs channels_last on the
+    CPU, as infer always has there: NCHW convolutions round differently in the last float bit, which can
+    flip a uint8 output pixel, and a rerun with a newer unmask should write the same bytes."""
     device = choose_device(spec)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    return DeviceSetup(device=device, amp=cuda and amp, channels_last=cuda)
+    return DeviceSetup(device=device, amp=cuda and amp, channels_last=cuda or (inference and device.type == "cpu"))

@@ -32,7 +32,7 @@ Faces of several photos are batched together (``batch_size`` crops per forward p
 in memory only until their last face is done. Every output is written atomically; a rerun skips
 inputs whose outputs all exist (resumable) unless ``overwrite=True``. Speed: ``torch.inference_mode``,
 the device policy of :func:`unmask_cli.device.setup_device` (fp16 autocast and channels_last on CUDA)
-with channels_last on the CPU as well (:func:`inference_device`), and BatchNorm folded into the
+with channels_last on the CPU as well (``setup_device(inference=True)``), and BatchNorm folded into the
 preceding (transposed) convolution (tests/test_inference.py holds it to plain eager fp32 within 1e-4 on
 the [-1, 1] output; benchmarks/infer.py measures both).
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import functools
 import io
 import os
@@ -142,18 +141,6 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
             parent._modules[first] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
             parent._modules[second] = nn.Identity()
     return net
-
-
-def inference_device(spec: str | None = "auto") -> DeviceSetup:
-    """The shared device policy (:func:`unmask_cli.device.setup_device`: fp16 autocast, channels_last and
-    cuDNN autotuning on CUDA), plus channels_last on the CPU, as infer has always run there: NCHW
-    convolutions round differently in the last float bit, which can flip a uint8 output pixel, and a
-    rerun with a newer unmask should write the same bytes. ``DeviceSetup`` has no inference flag for this
-    yet, hence the local override."""
-    setup = setup_device(spec, amp=True)
-    if setup.device.type == "cpu":
-        setup = dataclasses.replace(setup, channels_last=True)
-    return setup
 
 
 class Unmasker:
@@ -443,7 +430,7 @@ class InferJob:
         the loaded :class:`~unmask_cli.checkpoints.TrainedModel` for its metadata."""
         from unmask_cli.checkpoints import build_networks_from_checkpoint
 
-        setup = inference_device(self.cfg.device)
+        setup = setup_device(self.cfg.device, inference=True)
         model = build_networks_from_checkpoint(checkpoint, "cpu")  # Unmasker moves the prepared copies
         if self.masks is None and model.M is None:
             raise UnmaskError("this checkpoint has no map module (trained with model.map_module off); pass "
