@@ -390,6 +390,13 @@ def _as_is(item):
     return item
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Build workers leave a Ctrl-C to the main process, which stops the build (as the trainer's workers do)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _decode_all(root: Path, stems: list[str], size: int):
     """The blocks in stem order; a large split is decoded by several processes (a DataLoader keeps the order)."""
     decoded = _Decoded(root, stems, size)
@@ -403,7 +410,8 @@ def _decode_all(root: Path, stems: list[str], size: int):
         return
     from torch.utils.data import DataLoader
 
-    yield from DataLoader(decoded, batch_size=None, num_workers=workers, collate_fn=_as_is)
+    yield from DataLoader(decoded, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                          worker_init_fn=_ignore_sigint)
 
 
 class _cache_lock:
