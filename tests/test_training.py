@@ -590,3 +590,13 @@ def test_tensorboard_scalars_and_samples_when_the_package_is_installed(tmp_path,
     assert {"g_total", "g_l1", "d_whole", "map_loss", "val_psnr", "val_iou", "img_per_s"} <= set(scalars)
     assert [e.step for e in events.Scalars("g_total")] == [3, 6]
     assert len(events.Tags()["images"]) == 1
+
+
+def test_training_from_the_decoded_cache_equals_training_from_pngs(tmp_path):
+    """data.cache reads the same tensors, so a run gives bitwise the same weights."""
+    data_root = make_dataset(tmp_path / "data")
+    overrides = ("train.epochs=1", "loss.lambda_perc=0")
+    train(cfg_with(*overrides), tmp_path / "png", data_root, device_spec="cpu", console=quiet())
+    train(cfg_with(*overrides, "data.cache=true"), tmp_path / "cache", data_root, device_spec="cpu", console=quiet())
+    assert list((data_root / "cache").glob("*.npy"))
+    assert_bitwise_equal(weights(tmp_path / "png" / "last.pt"), weights(tmp_path / "cache" / "last.pt"))

@@ -672,8 +672,9 @@ class Trainer:
         from unmask_cli.data import PairedDataset, dataset_alignment
 
         tc, size = self.cfg.train, self.cfg.data.image_size
-        self.train_ds = PairedDataset(self.data_root, "train", size)
-        self.val_ds = PairedDataset(self.data_root, "val", size)
+        cache = self.cfg.data.cache
+        self.train_ds = PairedDataset(self.data_root, "train", size, cache=cache)
+        self.val_ds = PairedDataset(self.data_root, "val", size, cache=cache)
         if len(self.train_ds) == 0:
             raise UnmaskError("no training samples (the 'train' split is empty); run 'unmask prepare' first",
                               self.data_root)
