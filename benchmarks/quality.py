@@ -227,12 +227,13 @@ def chosen_checkpoint(run_dir: Path, which: str) -> Path:
 
 
 def evaluate(checkpoint: Path, data_root: Path, out: Path, vgg: str, args, console, baselines) -> object:
-    from unmask_cli.evaluation import run_eval
+    from unmask_cli.evaluation import EvalConfig, run_eval
     from unmask_cli.progress import make_progress
 
+    cfg = EvalConfig(checkpoint=str(checkpoint), data=str(data_root), split="test", out=str(out), device=args.device,
+                     vgg_weights=vgg, max_images=args.eval_images or 0, baselines=",".join(baselines))
     with make_progress(console, unit="img") as progress:
-        return run_eval(checkpoint, data_root, split="test", out=out, device=args.device, vgg_weights=vgg,
-                        max_images=args.eval_images, progress=progress, baselines=baselines)
+        return run_eval(cfg, progress)
 
 
 def check_targets(rows: dict[str, dict]) -> list[tuple[str, bool, str]]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from unmask_cli.config import EvalConfig
 from unmask_cli.data import MANIFEST, dataset_stems, load_triplet, read_manifest
 from unmask_cli.errors import UnmaskError
 from unmask_cli.evaluation import (
@@ -36,10 +37,11 @@ METHODS = ["ours", "telea", "ns", "masked"]
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    from unmask_cli.prepare import PrepareOptions, run_prepare
+    from unmask_cli.config import PrepareConfig
+    from unmask_cli.prepare import run_prepare
 
     root = tmp_path_factory.mktemp("eval") / "data"
-    run_prepare(PrepareOptions(out=root, num_samples=8, size=SIZE, val_fraction=0.25, test_fraction=0.25))
+    run_prepare(PrepareConfig(num_samples=8, size=SIZE, val_fraction=0.25, test_fraction=0.25), root)
     return root
 
 
@@ -62,8 +64,16 @@ def checkpoint(data_root: Path) -> Path:
 @pytest.fixture(scope="module")
 def report(checkpoint: Path, data_root: Path) -> EvalReport:
     # batch size 3 over 8 images: two full batches and a remainder
-    return run_eval(checkpoint, data_root, split="all", out=data_root.parent / "eval_all", batch_size=3,
+    return evaluate(checkpoint, data_root, split="all", out=data_root.parent / "eval_all", batch_size=3,
                     device="cpu", sheet_images=3)
+
+
+def evaluate(checkpoint: Path, data: Path | None, **settings) -> EvalReport:
+    """run_eval with an EvalConfig of these settings (paths as the strings a YAML config holds)."""
+    for key in ("out", "data"):
+        if settings.get(key) is not None:
+            settings[key] = str(settings[key])
+    return run_eval(EvalConfig(checkpoint=str(checkpoint), data=None if data is None else str(data), **settings))
 
 
 def _strict_json(path: Path) -> dict:
@@ -254,8 +264,8 @@ def test_eval_scores_the_ema_weights_unless_told_not_to(checkpoint: Path, data_r
     as_plain_g = save_checkpoint(tmp_path / "plain.pt", {**ckpt, "networks": {**ckpt["networks"], "G": averaged}})
 
     def scores(path: Path, **kwargs) -> tuple[list[float], EvalReport]:
-        rep = run_eval(path, data_root, split="val", out=tmp_path / f"eval_{path.stem}_{len(kwargs)}",
-                       device="cpu", sheet_images=0, baselines=("masked",), **kwargs)
+        rep = evaluate(path, data_root, split="val", out=tmp_path / f"eval_{path.stem}_{len(kwargs)}",
+                       device="cpu", sheet_images=0, baselines="masked", **kwargs)
         return [row["methods"]["ours"]["psnr_mask"] for row in rep.per_image], rep
 
     ema_scores, rep = scores(with_ema)
@@ -272,7 +282,7 @@ def test_eval_scores_the_ema_weights_unless_told_not_to(checkpoint: Path, data_r
 def test_split_filter_and_default_output_folder(checkpoint: Path, data_root: Path):
     val = dataset_stems(data_root, "val")
     assert 0 < len(val) < 8
-    rep = run_eval(checkpoint, data_root, split="val", device="cpu", sheet_images=0, baselines=("masked",))
+    rep = evaluate(checkpoint, data_root, split="val", device="cpu", sheet_images=0, baselines="masked")
     assert [row["stem"] for row in rep.per_image] == val
     assert rep.n_images == len(val) and rep.split == "val" and rep.methods == ["ours", "masked"]
     assert rep.out == checkpoint.parent / "eval_val"
@@ -287,8 +297,8 @@ def test_folder_without_manifest_uses_every_image_and_skips_unreadable_ones(chec
     stems = dataset_stems(data_root, None)
     broken = bare / "masked_images" / f"{stems[1]}.png"
     broken.write_bytes(broken.read_bytes()[:60])  # truncated PNG
-    rep = run_eval(checkpoint, bare, split="test", out=tmp_path / "out", device="cpu", max_images=3,
-                   sheet_images=1, baselines=("telea",))
+    rep = evaluate(checkpoint, bare, split="test", out=tmp_path / "out", device="cpu", max_images=3,
+                   sheet_images=1, baselines="telea")
     assert rep.n_images == 2 and [r["stem"] for r in rep.per_image] == [stems[0], stems[2]]
     assert [s["stem"] for s in rep.skipped] == [stems[1]] and str(broken) in rep.skipped[0]["error"]
     assert _strict_json(rep.files["metrics"])["skipped"] == rep.skipped
@@ -305,7 +315,7 @@ def test_empty_split_is_a_one_line_error(checkpoint: Path, data_root: Path, tmp_
     lines = [json.loads(line) for line in (root / MANIFEST).read_text().splitlines() if line.strip()]
     (root / MANIFEST).write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in lines))
     with pytest.raises(UnmaskError) as info:
-        run_eval(checkpoint, root, split="test", out=tmp_path / "out", device="cpu")
+        evaluate(checkpoint, root, split="test", out=tmp_path / "out", device="cpu")
     message = str(info.value)
     assert "\n" not in message and "'test' split" in message
     assert "--split val" in message and "--split all" in message and str(root) in message
@@ -313,14 +323,18 @@ def test_empty_split_is_a_one_line_error(checkpoint: Path, data_root: Path, tmp_
 
 
 def test_bad_arguments(checkpoint: Path, data_root: Path, tmp_path: Path):
+    from unmask_cli.config import load_config
+
     with pytest.raises(UnmaskError, match="unknown split 'tset'"):
-        run_eval(checkpoint, data_root, split="tset")
+        evaluate(checkpoint, data_root, split="tset")
     with pytest.raises(UnmaskError, match="data folder not found"):
-        run_eval(checkpoint, tmp_path / "missing", device="cpu")
+        evaluate(checkpoint, tmp_path / "missing", device="cpu")
     with pytest.raises(UnmaskError, match="unknown baseline 'opencv'"):
-        run_eval(checkpoint, data_root, baselines=("opencv",))
-    with pytest.raises(UnmaskError, match="--max-images"):
-        run_eval(checkpoint, data_root, max_images=0)
+        evaluate(checkpoint, data_root, baselines="telea,opencv")
+    with pytest.raises(UnmaskError, match="eval.max_images"):  # the config checks values (0 = all images)
+        load_config(None, ["eval.max_images=-1"])
+    with pytest.raises(UnmaskError, match=r"eval needs a checkpoint \(--checkpoint or eval.checkpoint\)"):
+        run_eval(EvalConfig(data=str(data_root)))
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "missing"])
@@ -331,7 +345,7 @@ def test_broken_checkpoint_is_a_one_line_error(kind: str, checkpoint: Path, data
     elif kind == "truncated":
         bad.write_bytes(checkpoint.read_bytes()[:5000])
     with pytest.raises(UnmaskError) as info:
-        run_eval(bad, data_root, out=tmp_path / "out", device="cpu")
+        evaluate(bad, data_root, out=tmp_path / "out", device="cpu")
     message = str(info.value)
     assert "\n" not in message and message.startswith(str(bad))
     assert ("not found" if kind == "missing" else "checkpoint") in message

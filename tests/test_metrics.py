@@ -347,6 +347,27 @@ def test_landmark_distance_zero_then_grows_with_shift(scorer, astronaut_face):
         previous = d
 
 
+def test_face_scores_in_one_batch_and_in_workers_equal_one_at_a_time(scorer, astronaut_face):
+    """The batched, reference-once path of ``unmask eval`` gives exactly the numbers of the one-image calls
+    (dlib's single-image API included), in this process and in worker processes."""
+    import cv2
+
+    from unmask_cli.identity import FaceScorePool
+
+    face = astronaut_face
+    outputs = [cv2.GaussianBlur(face, (0, 0), 1.5), face[:, ::-1].copy(), np.full_like(face, 128)]
+    given = scorer.landmarks(face)
+    for landmarks in (None, given):
+        expected = [(float(np.linalg.norm(scorer.descriptor(out, landmarks) - scorer.descriptor(face, landmarks))),
+                     scorer.landmark_distance(out, face)) for out in outputs]
+        assert scorer.face_scores(outputs, face, landmarks) == expected
+        with FaceScorePool(1) as pool:
+            assert pool.submit(outputs, face, landmarks).result() == expected
+    shape = scorer._shape(face, given)
+    one_by_one = np.array(scorer.recognizer.compute_face_descriptor(face, shape), dtype=np.float64)
+    assert np.array_equal(scorer.descriptor(face, given), one_by_one)
+
+
 def test_model_folder_override(monkeypatch, tmp_path):
     from unmask_cli.faces import FACE_RECOGNITION_MODEL, LANDMARKS_68, model_path
 

@@ -13,22 +13,27 @@ Metrics (all against the unmasked original, see :mod:`unmask_cli.metrics` and :m
 * identity distance (dlib face descriptors; with the manifest's aligned landmarks when present, so output
   and original are compared on the same face chip) and landmark distance (68 points, inter-ocular units).
 
-Outputs (``out``, default ``<checkpoint folder>/eval_<split>``): ``metrics.json`` (header, summary per
+Outputs (``out``; none = ``<checkpoint folder>/eval_<split>``): ``metrics.json`` (header, summary per
 method and metric, per-image values), ``per_image.csv`` (one row per image and method) and
 ``comparison.png`` (original | masked | telea | ours rows with per-image captions). Every file is written
 atomically.
+
+Speed: dlib's face-recognition ResNet (one 150x150 chip per method and one for the original, per image)
+is most of the work. It runs in worker processes (:class:`unmask_cli.identity.FaceScorePool`), one
+batch of chips per image, while this process runs the generator and the torch metrics; the original's
+box and landmarks are found once per image. The numbers do not depend on any of this.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import io
 import json
 import math
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +42,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unmask_cli.config import EvalConfig
 from unmask_cli.errors import UnmaskError
+from unmask_cli.identity import FaceScorePool, default_workers, usable_cpus
+from unmask_cli.tensors import to_uint8
 
 OURS = "ours"
 BASELINE_ORDER = ("telea", "ns", "masked")
 SPLIT_CHOICES = ("train", "val", "test", "all")
 FD_RANDOM_SEED = 0  # loss.vgg_weights=random: the FD network is the same in every evaluation
+FACE_WORKERS_MIN_IMAGES = 4  # up to this many images the dlib metrics run in this process
+FACE_BACKLOG_BATCHES = 4  # batches a face-metric worker may fall behind before scoring waits for it
 
 
 @dataclass(frozen=True)
@@ -106,17 +116,6 @@ class EvalReport:
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N,3,H,W) in [-1,1] -> (N,H,W,3) uint8, rounded like a saved 8-bit image."""
-    x = images.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _to_unit(images: np.ndarray) -> torch.Tensor:
-    """(N,H,W,3) uint8 -> (N,3,H,W) float64 in [0,1] (exactly u8/255; the VGG gets a float32 copy)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double().div(255.0)
-
-
 def feature_distances(pred_maps: list[torch.Tensor], ref_maps: list[torch.Tensor],
                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(whole, region) FD per image, shape (N,) each, from precomputed VGG feature maps of the output and
@@ -158,14 +157,6 @@ def load_fd_network(spec: str, layers: Sequence[int]) -> tuple[torch.nn.Module, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FD_RANDOM_SEED)
         return load_vgg_features(spec, layers)
-
-
-def _vgg_maps(features: torch.nn.Module, layers: Sequence[int], images: torch.Tensor) -> list[torch.Tensor]:
-    from unmask_cli.metrics import vgg_feature_maps
-
-    param = next(features.parameters())
-    with torch.no_grad():
-        return vgg_feature_maps(features, images.to(device=param.device, dtype=param.dtype), layers)
 
 
 def _collate(items: list[dict]) -> dict:
@@ -218,177 +209,254 @@ def resolve_split(split: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------------ the job
 
-def run_eval(
-    checkpoint: str | os.PathLike,
-    data: str | os.PathLike | None,
-    *,
-    split: str = "test",
-    out: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    device: str = "auto",
-    vgg_weights: str | None = None,
-    max_images: int | None = None,
-    sheet_images: int = 8,
-    progress=None,
-    baselines: Sequence[str] = BASELINE_ORDER,
-    ema: bool = True,
-) -> EvalReport:
-    """Evaluate ``checkpoint`` on ``split`` of the prepared dataset ``data`` and write the reports.
-
-    ``data`` None = the checkpoint's ``data.root``. ``split``: train, val, test or all (a folder without a
-    manifest has no splits: every image is used). ``vgg_weights`` overrides the checkpoint's
-    ``loss.vgg_weights`` for FD (imagenet | a weights file | random); the layers are always the
-    checkpoint's ``loss.vgg_layers``. ``max_images`` keeps the first N images of the split;
-    ``sheet_images`` rows go into ``comparison.png`` (0 = no sheet). ``baselines`` picks the classical
-    methods scored beside the generator (any of telea, ns, masked). ``ema`` False scores G's own weights
-    when the checkpoint also holds their moving average. ``progress``: a rich Progress.
-    """
-    from torch.utils.data import DataLoader
-
-    from unmask_cli.baselines import BASELINES
-    from unmask_cli.checkpoints import build_networks_from_checkpoint
-    from unmask_cli.data import PairedDataset, ReportingDataset, read_manifest
-    from unmask_cli.device import choose_device
-    from unmask_cli.fileio import ensure_dir, remove_temp_files
-    from unmask_cli.identity import IdentityScorer
-    from unmask_cli.metrics import psnr, ssim, summarize
-    from unmask_cli.models import composite, generator_input
-    from unmask_cli.vgg import RANDOM_DESCRIPTION
-
+def run_eval(cfg: EvalConfig, progress=None) -> EvalReport:
+    """Evaluate ``cfg.checkpoint`` on ``cfg.split`` of the prepared dataset ``cfg.data`` and write the
+    reports; :class:`unmask_cli.config.EvalConfig` has every setting and its default. ``data`` none = the
+    checkpoint's ``data.root``; a folder without a manifest has no splits (every image is used);
+    ``vgg_weights`` overrides the checkpoint's ``loss.vgg_weights`` for FD (the layers are always its
+    ``loss.vgg_layers``); ``ema`` false scores G's own weights when the checkpoint also holds their moving
+    average. ``progress``: a rich Progress."""
     start = time.perf_counter()
-    split_name = resolve_split(split)
-    if batch_size < 1:
-        raise UnmaskError(f"--batch-size must be >= 1, got {batch_size}")
-    if max_images is not None and max_images < 1:
-        raise UnmaskError(f"--max-images must be >= 1, got {max_images}")
-    if sheet_images < 0:
-        raise UnmaskError(f"--sheet-images must be >= 0, got {sheet_images}")
-    unknown = [b for b in baselines if b not in BASELINES]
+    job = EvalJob(cfg)
+    job.load_model()
+    job.load_data()
+    job.load_fd_network()
+    workers = job.face_workers()
+    with FaceScorePool(workers) as faces, job.torch_threads(workers):
+        for batch in job.batches(progress):
+            job.score_batch(batch, faces)
+        job.finish_rows(0)
+    report = job.report()
+    report.files = job.write_outputs(report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def parse_baselines(text: str | Sequence[str]) -> list[str]:
+    """``"telea,ns"`` (or a sequence of names) -> the known baselines in :data:`BASELINE_ORDER`."""
+    from unmask_cli.baselines import BASELINES
+
+    names = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise UnmaskError(f"unknown baseline '{unknown[0]}' (known: {', '.join(BASELINES)})")
-    methods = [OURS, *[b for b in BASELINE_ORDER if b in baselines]]
+    return [b for b in BASELINE_ORDER if b in names]
 
-    dev = choose_device(device)
-    checkpoint = Path(checkpoint)
-    model = build_networks_from_checkpoint(checkpoint, dev, ema=ema)
-    cfg = model.config
-    size = model.image_size
-    data_root = Path(data) if data is not None else Path(cfg.data.root)
 
-    dataset = PairedDataset(data_root, None if split_name == "all" else split_name, size)
-    records = {r["stem"]: r for r in read_manifest(data_root)}
-    note = "" if records else "no manifest.jsonl: every image of the folder is used (no splits)"
-    if not dataset.stems:
-        if split_name == "all":
-            raise UnmaskError("the dataset has no samples; run 'unmask prepare'", data_root)
-        others = [s for s in ("val", "all") if s != split_name]
-        raise UnmaskError(f"no images in the '{split_name}' split of manifest.jsonl; try "
-                          + " or ".join(f"--split {s}" for s in others), data_root)
-    if max_images is not None:
-        dataset.stems = dataset.stems[:max_images]
-    n_total = len(dataset.stems)
+class EvalJob:
+    """One ``unmask eval`` run, in the order it happens: :meth:`load_model`, :meth:`load_data`,
+    :meth:`load_fd_network`, then :meth:`score_batch` for each of :meth:`batches`, :meth:`report` and
+    :meth:`write_outputs`. A new metric goes into :data:`METRICS` and :meth:`image_metrics` (or
+    :meth:`IdentityScorer.face_scores`); a new baseline into :data:`unmask_cli.baselines.BASELINES`."""
 
-    out_dir = Path(out) if out is not None else checkpoint.parent / f"eval_{split_name}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UnmaskError("output path exists and is not a folder", out_dir)
-    ensure_dir(out_dir)
-    remove_temp_files(out_dir)
+    def __init__(self, cfg: EvalConfig):
+        if cfg.checkpoint is None:
+            raise UnmaskError("eval needs a checkpoint (--checkpoint or eval.checkpoint)")
+        self.cfg = cfg
+        self.split = resolve_split(cfg.split)
+        self.methods = [OURS, *parse_baselines(cfg.baselines)]
+        self.checkpoint = Path(cfg.checkpoint)
+        self.rows: list[dict] = []  # per-image rows, in dataset order
+        self.sheet: list[dict] = []  # the first cfg.sheet_images rows, with their images
+        self.skipped: list[dict] = []  # {"stem", "error"}: samples that could not be read
+        self.pending: collections.deque = collections.deque()  # (row, future of its face scores)
+        self.n_landmarked = 0
+        self._progress = self._task = None
 
-    spec = vgg_weights if vgg_weights is not None else cfg.loss.vgg_weights
-    layers = [int(i) for i in cfg.loss.vgg_layers]
-    features, vgg_description = load_fd_network(spec, layers)
-    features = features.to(dev)
-    vgg_random = vgg_description == RANDOM_DESCRIPTION
-    scorer = IdentityScorer()
-    n_landmarked = 0
+    # ------------------------------------------------------------------------------------- loading
 
-    loader = DataLoader(ReportingDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=0,
-                        collate_fn=_collate)
-    task = progress.add_task(f"eval {split_name}", total=n_total) if progress is not None else None
-    per_image: list[dict] = []
-    values: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in methods}
-    sheet: list[dict] = []
-    skipped: list[dict] = []
+    def load_model(self) -> None:
+        from unmask_cli.checkpoints import build_networks_from_checkpoint
+        from unmask_cli.device import choose_device
 
-    for batch in loader:
-        skipped.extend({"stem": stem, "error": error} for stem, error in batch["errors"])
-        if task is not None and batch["errors"]:
-            progress.update(task, advance=len(batch["errors"]))
-        if not batch["stem"]:
-            continue
-        masked_t, mask_t, original_t = batch["masked"], batch["mask"], batch["original"]
+        self.device = choose_device(self.cfg.device)
+        self.model = build_networks_from_checkpoint(self.checkpoint, self.device, ema=self.cfg.ema)
+        self.size = self.model.image_size
+        data = self.cfg.data if self.cfg.data is not None else self.model.config.data.root
+        self.data_root = Path(data)
+
+    def load_data(self) -> None:
+        """The split's samples (the first ``max_images``), the manifest records, and the output folder."""
+        from unmask_cli.data import PairedDataset, read_manifest
+        from unmask_cli.fileio import ensure_dir, remove_temp_files
+
+        self.dataset = PairedDataset(self.data_root, None if self.split == "all" else self.split, self.size)
+        self.records = {r["stem"]: r for r in read_manifest(self.data_root)}
+        self.note = "" if self.records else "no manifest.jsonl: every image of the folder is used (no splits)"
+        if not self.dataset.stems:
+            if self.split == "all":
+                raise UnmaskError("the dataset has no samples; run 'unmask prepare'", self.data_root)
+            others = [s for s in ("val", "all") if s != self.split]
+            raise UnmaskError(f"no images in the '{self.split}' split of manifest.jsonl; try "
+                              + " or ".join(f"--split {s}" for s in others), self.data_root)
+        if self.cfg.max_images:
+            self.dataset.stems = self.dataset.stems[: self.cfg.max_images]
+        self.n_total = len(self.dataset.stems)
+        out = self.cfg.out
+        self.out = Path(out) if out is not None else self.checkpoint.parent / f"eval_{self.split}"
+        if self.out.exists() and not self.out.is_dir():
+            raise UnmaskError("output path exists and is not a folder", self.out)
+        ensure_dir(self.out)
+        remove_temp_files(self.out)
+
+    def load_fd_network(self) -> None:
+        """FD's VGG16: the checkpoint's perceptual-loss layers, its weights unless ``vgg_weights`` says."""
+        from unmask_cli.vgg import RANDOM_DESCRIPTION
+
+        loss = self.model.config.loss
+        self.vgg_spec = self.cfg.vgg_weights if self.cfg.vgg_weights is not None else loss.vgg_weights
+        self.layers = [int(i) for i in loss.vgg_layers]
+        features, self.vgg_description = load_fd_network(self.vgg_spec, self.layers)
+        self.features = features.to(self.device)
+        self.vgg_random = self.vgg_description == RANDOM_DESCRIPTION
+
+    def face_workers(self) -> int:
+        """Processes for the dlib metrics: none for a handful of images (starting them costs more)."""
+        if self.n_total <= FACE_WORKERS_MIN_IMAGES:
+            return 0
+        return min(default_workers(), math.ceil(self.n_total / self.cfg.batch_size))
+
+    def torch_threads(self, workers: int) -> contextlib.AbstractContextManager:
+        """On a CPU, torch gets the cores the face-metric workers leave (at least one): its idle intra-op
+        threads spin-wait, and beside busy workers that halves the speed of the networks. The thread count
+        does not change the results."""
+        if workers == 0 or self.device.type != "cpu":
+            return contextlib.nullcontext()
+        return _torch_threads(max(1, usable_cpus() - workers))
+
+    def batches(self, progress=None) -> Iterator[dict]:
+        """Batches of readable samples; unreadable ones go to :attr:`skipped`."""
+        from torch.utils.data import DataLoader
+
+        from unmask_cli.data import ReportingDataset
+
+        loader = DataLoader(ReportingDataset(self.dataset), batch_size=self.cfg.batch_size, shuffle=False,
+                            num_workers=0, collate_fn=_collate)
+        if progress is not None:
+            self._progress = progress
+            self._task = progress.add_task(f"eval {self.split}", total=self.n_total)
+        for batch in loader:
+            self.skipped.extend({"stem": stem, "error": error} for stem, error in batch["errors"])
+            self._advance(len(batch["errors"]))
+            if batch["stem"]:
+                yield batch
+
+    def _advance(self, n: int) -> None:
+        if self._task is not None and n:
+            self._progress.update(self._task, advance=n)
+
+    # ------------------------------------------------------------------------------------- scoring
+
+    def outputs(self, batch: dict) -> dict[str, np.ndarray]:
+        """Every method's (N, H, W, 3) uint8 result: the generator's composite, then the baselines."""
+        from unmask_cli.baselines import BASELINES
+        from unmask_cli.models import composite, generator_input
+
+        masked, mask = batch["masked"].to(self.device), batch["mask"].to(self.device)
         with torch.no_grad():
-            generated = model.G(generator_input(masked_t.to(dev), mask_t.to(dev))).float()
-            ours = composite(masked_t.to(dev), mask_t.to(dev), generated)
-        masked_u8 = _to_uint8(masked_t)
-        original_u8 = _to_uint8(original_t)
-        mask_np = mask_t[:, 0].numpy() > 0.5
-        outputs = {OURS: _to_uint8(ours)}
-        for name in methods[1:]:
+            generated = self.model.G(generator_input(masked, mask)).float()
+            results = {OURS: to_uint8(composite(masked, mask, generated))}
+        masked_u8, mask_np = batch["masked_u8"], batch["mask_np"]
+        for name in self.methods[1:]:
             fn = BASELINES[name]
-            outputs[name] = np.stack([fn(img, m) for img, m in zip(masked_u8, mask_np, strict=True)])
+            results[name] = np.stack([fn(img, m) for img, m in zip(masked_u8, mask_np, strict=True)])
+        return results
 
-        ref = _to_unit(original_u8)
-        ref_maps = _vgg_maps(features, layers, ref)
-        batch_values: dict[str, dict[str, np.ndarray]] = {}
-        for name, imgs in outputs.items():
-            pred = _to_unit(imgs)
-            fd_whole, fd_mask = feature_distances(_vgg_maps(features, layers, pred), ref_maps, mask_t)
+    def image_metrics(self, outputs: dict[str, np.ndarray], original_u8: np.ndarray,
+                      mask: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
+        """PSNR, SSIM and FD (whole image and mask region) of each method: method -> metric -> (N,)."""
+        from unmask_cli.metrics import psnr, ssim, unit_from_uint8
+
+        ref = unit_from_uint8(original_u8)
+        ref_maps = self._vgg_maps(ref)
+        values = {}
+        for name, images in outputs.items():
+            pred = unit_from_uint8(images)
+            fd_whole, fd_mask = feature_distances(self._vgg_maps(pred), ref_maps, mask)
             with _torch_threads(1):
-                batch_values[name] = {
-                    "psnr_mask": psnr(pred, ref, mask_t).numpy(),
-                    "ssim_mask": ssim(pred, ref, mask_t).numpy(),
+                values[name] = {
+                    "psnr_mask": psnr(pred, ref, mask).numpy(),
+                    "ssim_mask": ssim(pred, ref, mask).numpy(),
                     "fd_mask": fd_mask.numpy(),
                     "psnr_whole": psnr(pred, ref).numpy(),
                     "ssim_whole": ssim(pred, ref).numpy(),
                     "fd_whole": fd_whole.numpy(),
                 }
+        return values
 
+    def _vgg_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        from unmask_cli.vgg import feature_maps
+
+        param = next(self.features.parameters())
+        with torch.no_grad():
+            return feature_maps(self.features, images.to(device=param.device, dtype=param.dtype), self.layers)
+
+    def score_batch(self, batch: dict, faces: FaceScorePool) -> None:
+        """Score one batch: the face metrics go to the pool first, so the dlib ResNet runs while this
+        process computes the image metrics; rows wait in :attr:`pending` for their face scores."""
+        original_u8 = to_uint8(batch["original"])
+        batch["masked_u8"], batch["mask_np"] = to_uint8(batch["masked"]), batch["mask"][:, 0].numpy() > 0.5
+        outputs = self.outputs(batch)
+        rows = []
         for i, stem in enumerate(batch["stem"]):
-            landmarks = _scaled_landmarks(records.get(stem), size)
-            n_landmarked += landmarks is not None
-            ref_descriptor = scorer.descriptor(original_u8[i], landmarks)
-            row = {"stem": stem, "split": (records.get(stem) or {}).get("split", ""),
-                   "mask_fraction": float(mask_np[i].mean()), "methods": {}}
-            for name in methods:
-                metrics = {k: float(batch_values[name][k][i]) for k in METRICS if k in batch_values[name]}
-                out_img = outputs[name][i]
-                metrics["identity"] = float(np.linalg.norm(scorer.descriptor(out_img, landmarks) - ref_descriptor))
-                metrics["landmarks"] = scorer.landmark_distance(out_img, original_u8[i])
-                metrics = {k: metrics[k] for k in METRICS}
-                row["methods"][name] = metrics
-                for k, v in metrics.items():
-                    values[name][k].append(v)
-            per_image.append(row)
-            if len(sheet) < sheet_images:
-                sheet.append({"stem": stem, "original": original_u8[i], "masked": masked_u8[i],
-                              "mask_fraction": row["mask_fraction"],
-                              "images": {name: outputs[name][i] for name in methods},
-                              "metrics": row["methods"]})
-        if task is not None:
-            progress.update(task, advance=len(batch["stem"]))
+            landmarks = _scaled_landmarks(self.records.get(stem), self.size)
+            self.n_landmarked += landmarks is not None
+            future = faces.submit([outputs[name][i] for name in self.methods], original_u8[i], landmarks)
+            row = {"stem": stem, "split": (self.records.get(stem) or {}).get("split", ""),
+                   "mask_fraction": float(batch["mask_np"][i].mean()), "methods": {}}
+            rows.append(row)
+            self.pending.append((row, future))
+        values = self.image_metrics(outputs, original_u8, batch["mask"])
+        for i, row in enumerate(rows):
+            row["methods"] = {name: {k: float(values[name][k][i]) for k in values[name]} for name in self.methods}
+            self.rows.append(row)
+            if len(self.sheet) < self.cfg.sheet_images:
+                self.sheet.append({"stem": row["stem"], "original": original_u8[i],
+                                   "masked": batch["masked_u8"][i], "mask_fraction": row["mask_fraction"],
+                                   "images": {name: outputs[name][i] for name in self.methods}, "row": row})
+        self.finish_rows(FACE_BACKLOG_BATCHES * max(1, faces.workers) * self.cfg.batch_size)
 
-    if not per_image:
-        raise UnmaskError(f"none of the {n_total} images of the '{split_name}' split could be read (first: "
-                          f"{skipped[0]['error']})", data_root)
-    n_total = len(per_image)
-    summary = {name: {k: summarize(v) for k, v in values[name].items()} for name in methods}
-    if n_landmarked == n_total:
-        identity_landmarks = "manifest aligned landmarks (same face chip for output and original)"
-    elif n_landmarked == 0:
-        identity_landmarks = "dlib detector + 68-landmark predictor on each image"
-    else:
-        identity_landmarks = (f"manifest aligned landmarks for {n_landmarked} images, dlib detector for "
-                              f"{n_total - n_landmarked}")
-    report = EvalReport(
-        checkpoint=checkpoint, epoch=model.epoch, global_step=model.global_step, data=data_root,
-        split=split_name, n_images=n_total, image_size=size, weights=model.weights, vgg=vgg_description,
-        vgg_random=vgg_random, train_vgg=model.vgg, device=str(dev), identity_landmarks=identity_landmarks,
-        methods=methods, summary=summary, per_image=per_image, out=out_dir, note=note, skipped=skipped,
-    )
-    report.files = _write_outputs(report, layers, spec, sheet)
-    report.seconds = time.perf_counter() - start
-    return report
+    def finish_rows(self, keep: int) -> None:
+        """Wait for the face scores of the oldest pending rows until at most ``keep`` are pending (a
+        bounded backlog of images in flight)."""
+        while len(self.pending) > keep:
+            row, future = self.pending.popleft()
+            for name, (identity, landmarks) in zip(self.methods, future.result(), strict=True):
+                metrics = {**row["methods"][name], "identity": identity, "landmarks": landmarks}
+                row["methods"][name] = {k: metrics[k] for k in METRICS}
+            self._advance(1)
+
+    # ------------------------------------------------------------------------------------- reports
+
+    def identity_landmarks(self) -> str:
+        n_total, n_landmarked = len(self.rows), self.n_landmarked
+        if n_landmarked == n_total:
+            return "manifest aligned landmarks (same face chip for output and original)"
+        if n_landmarked == 0:
+            return "dlib detector + 68-landmark predictor on each image"
+        return f"manifest aligned landmarks for {n_landmarked} images, dlib detector for {n_total - n_landmarked}"
+
+    def report(self) -> EvalReport:
+        from unmask_cli.metrics import summarize
+
+        if not self.rows:
+            raise UnmaskError(f"none of the {self.n_total} images of the '{self.split}' split could be read "
+                              f"(first: {self.skipped[0]['error']})", self.data_root)
+        summary = {name: {k: summarize([row["methods"][name][k] for row in self.rows]) for k in METRICS}
+                   for name in self.methods}
+        m = self.model
+        return EvalReport(
+            checkpoint=self.checkpoint, epoch=m.epoch, global_step=m.global_step, data=self.data_root,
+            split=self.split, n_images=len(self.rows), image_size=self.size, weights=m.weights,
+            vgg=self.vgg_description, vgg_random=self.vgg_random, train_vgg=m.vgg, device=str(self.device),
+            identity_landmarks=self.identity_landmarks(), methods=self.methods, summary=summary,
+            per_image=self.rows, out=self.out, note=self.note, skipped=self.skipped,
+        )
+
+    def write_outputs(self, report: EvalReport) -> dict[str, Path]:
+        sheet = [{**item, "metrics": item["row"]["methods"]} for item in self.sheet]
+        return _write_outputs(report, self.layers, self.vgg_spec, sheet)
 
 
 # ------------------------------------------------------------------------------------------------ outputs

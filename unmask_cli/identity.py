@@ -14,9 +14,16 @@ When it finds nothing - an output that still shows part of a mask, a blurry reco
 a fixed box over the central region of the crop is used instead (:data:`FALLBACK_BOX`, fractions of
 width/height, which is where the detector puts the face on this project's aligned crops at 64-256 px), so
 every output still gets a descriptor and landmarks. :meth:`IdentityScorer.face_box` says which one was used.
+
+``unmask eval`` scores every method's output of an image in one :meth:`IdentityScorer.face_scores` call
+(the reference's box, landmarks and descriptor found once), in :class:`FaceScorePool` worker processes.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -77,27 +84,41 @@ class IdentityScorer:
             box, _ = self.face_box(rgb)
         return self.landmarks_model(rgb, box)
 
-    def descriptor(self, img: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
-        """128-d dlib face descriptor (float64) of the face in ``img``.
-
-        ``landmarks`` (68, 2), e.g. the aligned landmarks of the manifest, are used as given; otherwise the
-        face box comes from :meth:`face_box` (detector, else the central fallback) and the landmarks from
-        the 68-point predictor. dlib aligns a 150x150 chip from them (padding 0.25, no jitter).
-        """
+    def _shape(self, rgb: np.ndarray, landmarks: np.ndarray | None):
+        """The dlib ``full_object_detection`` that places the descriptor's face chip."""
         dlib = self._dlib
-        rgb = _as_rgb_uint8(img)
         if landmarks is None:
             box, _ = self.face_box(rgb)
-            shape = self.landmarks_model.predictor(rgb, dlib.rectangle(*box))
-        else:
-            pts = np.asarray(landmarks, dtype=np.float64)
-            if pts.shape != (68, 2):
-                raise ValueError(f"landmarks must be (68, 2), got {pts.shape}")
-            ints = np.round(pts).astype(int)
-            lo, hi = ints.min(axis=0), ints.max(axis=0)
-            box = dlib.rectangle(int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
-            shape = dlib.full_object_detection(box, [dlib.point(int(x), int(y)) for x, y in ints])
-        return np.array(self.recognizer.compute_face_descriptor(rgb, shape), dtype=np.float64)
+            return self.landmarks_model.predictor(rgb, dlib.rectangle(*box))
+        pts = np.asarray(landmarks, dtype=np.float64)
+        if pts.shape != (68, 2):
+            raise ValueError(f"landmarks must be (68, 2), got {pts.shape}")
+        ints = np.round(pts).astype(int)
+        lo, hi = ints.min(axis=0), ints.max(axis=0)
+        box = dlib.rectangle(int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
+        return dlib.full_object_detection(box, [dlib.point(int(x), int(y)) for x, y in ints])
+
+    def descriptors(self, images: Sequence[np.ndarray], landmarks: np.ndarray | None = None) -> np.ndarray:
+        """(N, 128) dlib face descriptors (float64) of ``images``, one call of dlib's batch API (the same
+        values as one image at a time: the ResNet sees each 150x150 chip on its own).
+
+        ``landmarks`` (68, 2), e.g. the aligned landmarks of the manifest, are used as given for every
+        image; otherwise each face box comes from :meth:`face_box` (detector, else the central fallback)
+        and the landmarks from the 68-point predictor. dlib aligns a 150x150 chip from them (padding 0.25,
+        no jitter).
+        """
+        rgbs = [_as_rgb_uint8(img) for img in images]
+        shapes = []
+        for rgb in rgbs:
+            one = self._dlib.full_object_detections()
+            one.append(self._shape(rgb, landmarks))
+            shapes.append(one)
+        found = self.recognizer.compute_face_descriptor(rgbs, shapes)
+        return np.array([list(faces[0]) for faces in found], dtype=np.float64).reshape(len(rgbs), 128)
+
+    def descriptor(self, img: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        """128-d dlib face descriptor (float64) of the face in ``img`` (see :meth:`descriptors`)."""
+        return self.descriptors([img], landmarks)[0]
 
     # ------------------------------------------------------------------------------------------ metrics
 
@@ -115,14 +136,91 @@ class IdentityScorer:
         """Mean 68-landmark error between ``out`` and ``ref``, in units of the reference's inter-ocular
         distance (outer eye corners 36-45). Both are predicted inside the same box - the one found on
         ``ref`` (or the fallback) - so the score measures the face geometry, not detector jitter."""
-        out_rgb = _as_rgb_uint8(out)
+        return self.landmark_distances([out], ref)[0]
+
+    def landmark_distances(self, outputs: Sequence[np.ndarray], ref: np.ndarray) -> list[float]:
+        """:meth:`landmark_distance` of each output, with the box and landmarks of ``ref`` found once."""
         ref_rgb = _as_rgb_uint8(ref)
-        if out_rgb.shape != ref_rgb.shape:
-            raise ValueError(f"out and ref differ in shape: {out_rgb.shape} vs {ref_rgb.shape}")
         box, _ = self.face_box(ref_rgb)
         ref_pts = self.landmarks(ref_rgb, box)
-        out_pts = self.landmarks(out_rgb, box)
         iod = float(np.linalg.norm(ref_pts[RIGHT_EYE_OUTER] - ref_pts[LEFT_EYE_OUTER]))
-        if iod <= 0:
-            return float("nan")
-        return float(np.linalg.norm(out_pts - ref_pts, axis=1).mean() / iod)
+        distances = []
+        for out in outputs:
+            out_rgb = _as_rgb_uint8(out)
+            if out_rgb.shape != ref_rgb.shape:
+                raise ValueError(f"out and ref differ in shape: {out_rgb.shape} vs {ref_rgb.shape}")
+            out_pts = self.landmarks(out_rgb, box)
+            distances.append(float(np.linalg.norm(out_pts - ref_pts, axis=1).mean() / iod) if iod > 0
+                             else float("nan"))
+        return distances
+
+    def face_scores(self, outputs: Sequence[np.ndarray], ref: np.ndarray,
+                    landmarks: np.ndarray | None = None) -> list[tuple[float, float]]:
+        """``(identity distance, landmark distance)`` of each output against ``ref``: one descriptor batch
+        for the outputs and the reference (``landmarks`` for all, or each found on its own image)."""
+        found = self.descriptors([*outputs, ref], landmarks)
+        identity = [float(np.linalg.norm(d - found[-1])) for d in found[:-1]]
+        return list(zip(identity, self.landmark_distances(outputs, ref), strict=True))
+
+
+# ---------------------------------------------------------------------------------- worker processes
+
+_WORKER_SCORER: IdentityScorer | None = None
+
+
+def _worker_face_scores(outputs: list[np.ndarray], ref: np.ndarray,
+                        landmarks: np.ndarray | None) -> list[tuple[float, float]]:
+    global _WORKER_SCORER
+    if _WORKER_SCORER is None:  # loaded by the first task, so a bad model file comes back as its error
+        _WORKER_SCORER = IdentityScorer()
+    return _WORKER_SCORER.face_scores(outputs, ref, landmarks)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Worker processes for :class:`FaceScorePool`: one per usable CPU, at most 8."""
+    return min(8, usable_cpus())
+
+
+class FaceScorePool:
+    """:meth:`IdentityScorer.face_scores` in worker processes, as futures, so the dlib ResNet (single-
+    threaded, about 70 ms a chip on a CPU, most of an evaluation) runs beside the torch metrics and on
+    every core. ``workers=0`` scores in this process (futures that are already done)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        if workers > 0:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork where there is one: a spawned worker re-imports the caller's main script, which runs
+            # it again unless it has an ``if __name__ == "__main__"`` guard. The workers use dlib and numpy
+            # only, never torch, so its thread pools are no hazard in them.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+        else:
+            self._pool, self._scorer = None, IdentityScorer()
+
+    def submit(self, outputs: list[np.ndarray], ref: np.ndarray, landmarks: np.ndarray | None) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(_worker_face_scores, outputs, ref, landmarks)
+        done: Future = Future()
+        done.set_result(self._scorer.face_scores(outputs, ref, landmarks))
+        return done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> FaceScorePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

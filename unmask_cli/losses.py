@@ -8,7 +8,7 @@ Generator (Din et al. 2020, editing module)::
 * L1, SSIM and the perceptual term compare the raw generator output with the original over the whole
   image (so G also learns to reproduce the visible face, and the composite has no seams).
 * SSIM: ``pytorch_msssim.ssim`` on [0, 1] images, data_range=1, Gaussian window 11 (sigma 1.5; smaller
-  windows for images below 11 px), computed in fp32.
+  windows for images below 11 px: :func:`unmask_cli.metrics.ssim_window`), computed in fp32.
 * Perceptual: mean over ``loss.vgg_layers`` of the mean absolute difference (L1) between VGG16 feature
   maps of output and original; [0, 1] inputs with ImageNet normalisation; the VGG is frozen.
 * Adversarial: BCE with logits against "real" labels, always in fp32 (also under autocast).
@@ -31,27 +31,17 @@ import torch.nn.functional as F
 from pytorch_msssim import ssim as _ms_ssim
 from torch import Tensor, nn
 
+from unmask_cli.metrics import ssim_window
 from unmask_cli.models import composite
+from unmask_cli.tensors import to_unit
+from unmask_cli.vgg import feature_maps
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 G_TERMS = ("l1", "ssim", "perc", "adv_whole", "adv_mask")
-
-
-def to_unit(x: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1]."""
-    return (x + 1) * 0.5
 
 
 def fp32(x: Tensor) -> contextlib.AbstractContextManager:
     """A region computed in full precision even inside ``torch.autocast``."""
     return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def ssim_window(height: int, width: int) -> int:
-    """11 (the standard window) when the image allows it, else the largest odd size that fits."""
-    size = min(11, height, width)
-    return size if size % 2 == 1 else size - 1
 
 
 def ssim_index(output: Tensor, target: Tensor) -> Tensor:
@@ -98,8 +88,6 @@ class PerceptualLoss(nn.Module):
         super().__init__()
         self.features = features
         self.layers = sorted({int(i) for i in layers})
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.features.requires_grad_(False)
         self.features.eval()
 
@@ -109,15 +97,8 @@ class PerceptualLoss(nn.Module):
         return self
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
-        x = (to_unit(images) - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-        maps = []
-        for index, module in enumerate(self.features):
-            x = module(x)
-            if index in self.layers:
-                maps.append(x)
-            if index >= self.layers[-1]:
-                break
-        return maps
+        """VGG maps of ``images`` in [-1, 1] (ImageNet-normalised [0, 1] inputs, :func:`vgg.feature_maps`)."""
+        return feature_maps(self.features, to_unit(images), self.layers)
 
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
         with torch.no_grad():

@@ -14,21 +14,29 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from unmask_cli.vgg import FeatureExtractor
+from unmask_cli.vgg import feature_maps as vgg_feature_maps  # noqa: F401 (the metrics' name for it)
 
 PSNR_CAP_DB = 100.0  # PSNR of identical images (MSE = 0) instead of +inf; no 8-bit image pair gets close
 SSIM_WIN_SIZE = 11  # Gaussian window, = skimage's gaussian_weights=True, sigma=1.5 (truncate 3.5 -> 11 taps)
 SSIM_WIN_SIGMA = 1.5
 SSIM_K = (0.01, 0.03)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+def unit_from_uint8(images: np.ndarray) -> Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float64 in [0, 1], exactly u8 / 255: what the metrics compare
+    (a VGG gets a float32 copy)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double().div(255.0)
+
 
 def _check_pair(pred: Tensor, target: Tensor) -> None:
     if pred.shape != target.shape:
@@ -98,9 +106,10 @@ def psnr(pred: Tensor, target: Tensor, mask: Tensor | None = None, data_range: f
 
 # ------------------------------------------------------------------------------------------------ SSIM
 
-def ssim_window_size(height: int, width: int) -> int:
-    """The SSIM Gaussian window: 11 px (skimage's/pytorch_msssim's standard) for any side >= 11 px, so the
-    64-256 px faces of this project all use it; smaller images use the largest odd size that fits."""
+def ssim_window(height: int, width: int) -> int:
+    """The SSIM Gaussian window of the metrics and of the training loss: 11 px (skimage's/pytorch_msssim's
+    standard) for any side >= 11 px, so the 64-256 px faces of this project all use it; smaller images use
+    the largest odd size that fits."""
     side = min(height, width)
     if side >= SSIM_WIN_SIZE:
         return SSIM_WIN_SIZE
@@ -120,7 +129,7 @@ def _gauss_window(win_size: int, channels: int) -> Tensor:
 
 
 def ssim_map(pred: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
-    """The SSIM map (N, C, H-w+1, W-w+1), w = :func:`ssim_window_size`, float64.
+    """The SSIM map (N, C, H-w+1, W-w+1), w = :func:`ssim_window`, float64.
 
     Same Gaussian window, constants (K1=0.01, K2=0.03) and 'valid' convolution as
     ``pytorch_msssim.ssim`` (whose mean over the map is the whole-image SSIM); map entry (i, j) belongs to
@@ -131,7 +140,7 @@ def ssim_map(pred: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
     _check_pair(pred, target)
     x = pred.to(torch.float64)
     y = target.to(torch.float64)
-    win = _gauss_window(ssim_window_size(*x.shape[2:]), x.shape[1]).to(x.device)
+    win = _gauss_window(ssim_window(*x.shape[2:]), x.shape[1]).to(x.device)
     c1 = (SSIM_K[0] * data_range) ** 2
     c2 = (SSIM_K[1] * data_range) ** 2
     mu1 = gaussian_filter(x, win)
@@ -163,7 +172,7 @@ def ssim(pred: Tensor, target: Tensor, mask: Tensor | None = None, data_range: f
 
         x = pred.to(torch.float64)
         y = target.to(torch.float64)
-        win = _gauss_window(ssim_window_size(*x.shape[2:]), x.shape[1]).to(x.device)
+        win = _gauss_window(ssim_window(*x.shape[2:]), x.shape[1]).to(x.device)
         return _ms_ssim(x, y, data_range=data_range, size_average=False, win=win, K=SSIM_K)
     m = _prepare_mask(mask, pred)
     smap = ssim_map(pred, target, data_range)
@@ -174,46 +183,6 @@ def ssim(pred: Tensor, target: Tensor, mask: Tensor | None = None, data_range: f
 
 
 # ------------------------------------------------------------------------------------- feature distance
-
-FeatureExtractor = Callable[[Tensor], Sequence[Tensor]]
-
-
-def vgg_feature_maps(
-    features: torch.nn.Module | FeatureExtractor,
-    images: Tensor,
-    layers: Sequence[int] | None,
-    normalize: bool = True,
-) -> list[Tensor]:
-    """Feature maps of ``images`` ([0,1], (N,3,H,W)).
-
-    ``features`` is either a ``torchvision.models.vgg16().features``-style ``nn.Sequential`` with
-    ``layers`` = indices into it (the output of module ``i`` is taken; e.g. 3, 8, 15, 22 = relu1_2,
-    relu2_2, relu3_3, relu4_3), or, with ``layers=None``, any callable returning the list of feature maps.
-    ``normalize`` applies the ImageNet mean/std first (what torchvision's VGG16 weights expect).
-    """
-    x = images
-    if normalize:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    if layers is None:
-        out = features(x)
-        return [out] if isinstance(out, Tensor) else list(out)
-    wanted = sorted(set(int(i) for i in layers))
-    if not wanted:
-        raise ValueError("no VGG layers given")
-    modules = list(features.children()) if isinstance(features, torch.nn.Module) else list(features)
-    if wanted[0] < 0 or wanted[-1] >= len(modules):
-        raise ValueError(f"VGG layer indices must be in 0..{len(modules) - 1}, got {list(layers)}")
-    maps = []
-    for index, module in enumerate(modules[: wanted[-1] + 1]):
-        if maps and maps[-1] is x and getattr(module, "inplace", False):
-            x = x.clone()  # torchvision's in-place ReLU would overwrite a captured conv output
-        x = module(x)
-        if index in wanted:
-            maps.append(x)
-    return maps
-
 
 def feature_distance(
     features: torch.nn.Module | FeatureExtractor,

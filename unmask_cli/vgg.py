@@ -12,9 +12,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ from unmask_cli.errors import UnmaskError
 IMAGENET_FILE = "vgg16-397923af.pth"
 RANDOM_DESCRIPTION = "RANDOM VGG features (smoke test only; perceptual loss and FD are not meaningful)"
 N_FEATURE_MODULES = 31  # len(torchvision.models.vgg16().features)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision's VGG16 weights expect of [0, 1] RGB inputs
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FeatureExtractor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 
 
 def imagenet_cache_path() -> Path:
@@ -157,3 +162,50 @@ def load_vgg_features(spec: str, layers: Sequence[int]) -> tuple[nn.Module, str]
     features.eval()
     features.requires_grad_(False)
     return features, description
+
+
+# ------------------------------------------------------------------------------------------- features
+
+@functools.lru_cache(maxsize=16)
+def _imagenet_stats(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built in float64 and cast: the same constants in float32, float16 and bfloat16 as a float32 buffer
+    # cast to them, and exact in float64. Cached per device, so training steps copy nothing to a GPU.
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1).to(device=device, dtype=dtype)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1).to(device=device, dtype=dtype)
+    return mean, std
+
+
+def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in [0, 1] -> ImageNet-normalised, in the dtype and on the device of ``images``."""
+    mean, std = _imagenet_stats(images.device, images.dtype)
+    return (images - mean) / std
+
+
+def feature_maps(features: nn.Module | FeatureExtractor, images: torch.Tensor, layers: Sequence[int] | None,
+                 normalize: bool = True) -> list[torch.Tensor]:
+    """Feature maps of ``images`` ([0, 1], (N, 3, H, W)): the one VGG pass of the perceptual loss, FD and
+    ``unmask eval``.
+
+    ``features`` is a ``vgg16().features``-style ``nn.Sequential`` with ``layers`` = indices into it (the
+    output of module ``i`` is taken; e.g. 3, 8, 15, 22 = relu1_2, relu2_2, relu3_3, relu4_3), or, with
+    ``layers=None``, any callable returning the list of feature maps. ``normalize`` applies the ImageNet
+    mean/std first. Runs with whatever grad mode the caller has.
+    """
+    x = imagenet_normalize(images) if normalize else images
+    if layers is None:
+        out = features(x)
+        return [out] if isinstance(out, torch.Tensor) else list(out)
+    wanted = sorted({int(i) for i in layers})
+    if not wanted:
+        raise ValueError("no VGG layers given")
+    modules = list(features.children()) if isinstance(features, nn.Module) else list(features)
+    if wanted[0] < 0 or wanted[-1] >= len(modules):
+        raise ValueError(f"VGG layer indices must be in 0..{len(modules) - 1}, got {list(layers)}")
+    maps = []
+    for index, module in enumerate(modules[: wanted[-1] + 1]):
+        if maps and maps[-1] is x and getattr(module, "inplace", False):
+            x = x.clone()  # torchvision's in-place ReLU would overwrite a captured conv output
+        x = module(x)
+        if index in wanted:
+            maps.append(x)
+    return maps
