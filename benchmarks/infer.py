@@ -93,7 +93,7 @@ def run_optimized(net: Unmasker, images, maps, batch: int) -> np.ndarray:
 
 def _photo_checkpoint(path, size: int, alignment: str | None):
     """An untrained checkpoint at ``size`` px (default widths) whose map module marks every pixel."""
-    from unmask_cli.checkpoints import save_checkpoint
+    from unmask_cli.checkpoints import Checkpoint
     from unmask_cli.config import Config
     from unmask_cli.models import build_networks
 
@@ -103,9 +103,8 @@ def _photo_checkpoint(path, size: int, alignment: str | None):
     torch.manual_seed(0)
     nets = build_networks(cfg)
     nets["M"].head.bias.data.fill_(10.0)
-    save_checkpoint(path, {"epoch": 1, "samples_in_epoch": 0, "global_step": 1, "config": cfg.to_dict(),
-                           "vgg": "random", "networks": {k: v.state_dict() for k, v in nets.items()},
-                           **({"alignment": alignment} if alignment else {})})
+    Checkpoint(config=cfg.to_dict(), networks={k: v.state_dict() for k, v in nets.items()}, epoch=1,
+               global_step=1, vgg="random", **({"alignment": alignment} if alignment else {})).save(path)
     return path
 
 

@@ -138,19 +138,20 @@ def resolve_vgg(spec: str | None) -> str:
 
 
 def prepare_data(args: argparse.Namespace, console) -> Path:
-    from unmask_cli.prepare import PrepareOptions, run_prepare, summary_table
+    from unmask_cli.config import PrepareConfig
+    from unmask_cli.prepare import run_prepare, summary_table
     from unmask_cli.progress import make_progress
 
     if not args.source.is_dir():
         raise SystemExit(f"{args.source}: not found (the benchmark uses ../shared/utkface)")
     root = args.work / "data"
-    opts = PrepareOptions(out=root, source=args.source, num_samples=args.images, size=args.prep_size,
-                          workers=args.workers, mask_types=args.mask_types, val_fraction=args.val_fraction,
-                          test_fraction=args.test_fraction, alignment=args.alignment, detector=args.detector)
+    opts = PrepareConfig(source=args.source, num_samples=args.images, size=args.prep_size, workers=args.workers,
+                         mask_types=args.mask_types, val_fraction=args.val_fraction,
+                         test_fraction=args.test_fraction, alignment=args.alignment, detector=args.detector)
     console.print(f"[bold]1. prepare[/] {args.images} samples at {args.prep_size} px from {args.source} "
                   f"(masks: {args.mask_types}) -> {root}")
     with make_progress(console, unit="faces") as progress:
-        summary = run_prepare(opts, progress)
+        summary = run_prepare(opts, root, progress)
     console.print(summary_table(summary))
     return root
 

@@ -256,12 +256,14 @@ def test_comparison_sheet_size_and_content(report: EvalReport, data_root: Path):
 def test_eval_scores_the_ema_weights_unless_told_not_to(checkpoint: Path, data_root: Path, tmp_path: Path):
     """A checkpoint with an EMA of G (train.ema_decay > 0) is scored with it; --no-ema scores G itself.
     Scores are compared with checkpoints that hold the same weights as their only G."""
-    from unmask_cli.checkpoints import load_checkpoint, save_checkpoint
+    import dataclasses
 
-    ckpt = load_checkpoint(checkpoint)
-    averaged = {k: v * 0.9 if v.is_floating_point() else v for k, v in ckpt["networks"]["G"].items()}
-    with_ema = save_checkpoint(tmp_path / "ema.pt", {**ckpt, "ema": {"decay": 0.99, "updates": 1, "G": averaged}})
-    as_plain_g = save_checkpoint(tmp_path / "plain.pt", {**ckpt, "networks": {**ckpt["networks"], "G": averaged}})
+    from unmask_cli.checkpoints import Checkpoint
+
+    ckpt = Checkpoint.load(checkpoint)
+    averaged = {k: v * 0.9 if v.is_floating_point() else v for k, v in ckpt.networks["G"].items()}
+    with_ema = dataclasses.replace(ckpt, ema={"decay": 0.99, "updates": 1, "G": averaged}).save(tmp_path / "ema.pt")
+    as_plain_g = dataclasses.replace(ckpt, networks={**ckpt.networks, "G": averaged}).save(tmp_path / "plain.pt")
 
     def scores(path: Path, **kwargs) -> tuple[list[float], EvalReport]:
         rep = evaluate(path, data_root, split="val", out=tmp_path / f"eval_{path.stem}_{len(kwargs)}",

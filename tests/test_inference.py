@@ -1,6 +1,6 @@
 """``unmask infer`` end to end on real portraits with synthetic masks and a tiny (untrained) checkpoint.
 
-The checkpoint is written with ``save_checkpoint`` in the training payload format (64 px, ngf 8, nmf 8,
+The checkpoint is a ``Checkpoint`` as training writes one (64 px, ngf 8, nmf 8,
 map module on). An untrained generator outputs ~mid-grey, far from the blue mask colour used here, so
 "the pixels inside each mask changed" proves every masked face went through the network; the map
 module's head bias is set to +-10 to make its prediction deterministic (all masked / nothing masked).
@@ -40,7 +40,7 @@ def _randomise_bn(net: torch.nn.Module, gen: torch.Generator) -> None:
 def _write_checkpoint(path: Path, map_module: bool = True, map_bias: float | None = None,
                       alignment: str | None = "visible") -> Path:
     """``alignment`` None: a checkpoint from before alignments were recorded (trained on ffhq crops)."""
-    from unmask_cli.checkpoints import save_checkpoint
+    from unmask_cli.checkpoints import Checkpoint
     from unmask_cli.config import Config
     from unmask_cli.models import build_networks
 
@@ -56,12 +56,9 @@ def _write_checkpoint(path: Path, map_module: bool = True, map_bias: float | Non
         _randomise_bn(net, gen)
     if map_bias is not None:
         nets["M"].head.bias.data.fill_(map_bias)
-    save_checkpoint(path, {
-        "epoch": 1, "samples_in_epoch": 0, "global_step": 1, "best_psnr": 0.0, "best_epoch": 0,
-        "epoch_stats": {}, "config": cfg.to_dict(), "vgg": "random",
-        "networks": {k: v.state_dict() for k, v in nets.items()},
-        **({"alignment": alignment} if alignment is not None else {}),
-    })
+    Checkpoint(config=cfg.to_dict(), networks={k: v.state_dict() for k, v in nets.items()}, epoch=1,
+               global_step=1, best_psnr=0.0, best_epoch=0, vgg="random",
+               **({"alignment": alignment} if alignment is not None else {})).save(path)
     return path
 
 
@@ -264,14 +261,16 @@ def test_aligned_supplied_maps_keep_outside_byte_identical(tmp_path, ckpts, alig
 
 
 def test_infer_uses_the_ema_weights_of_a_checkpoint_that_has_them(tmp_path, ckpts, aligner, astronaut):
+    import dataclasses
+
     from rich.console import Console
 
-    from unmask_cli.checkpoints import load_checkpoint, save_checkpoint
+    from unmask_cli.checkpoints import Checkpoint
 
-    ckpt = load_checkpoint(ckpts["plain"])
-    averaged = {k: v * 0.8 if v.is_floating_point() else v for k, v in ckpt["networks"]["G"].items()}
-    with_ema = save_checkpoint(tmp_path / "ema.pt", {**ckpt, "ema": {"decay": 0.999, "updates": 7, "G": averaged}})
-    as_plain_g = save_checkpoint(tmp_path / "g.pt", {**ckpt, "networks": {**ckpt["networks"], "G": averaged}})
+    ckpt = Checkpoint.load(ckpts["plain"])
+    averaged = {k: v * 0.8 if v.is_floating_point() else v for k, v in ckpt.networks["G"].items()}
+    with_ema = dataclasses.replace(ckpt, ema={"decay": 0.999, "updates": 7, "G": averaged}).save(tmp_path / "ema.pt")
+    as_plain_g = dataclasses.replace(ckpt, networks={**ckpt.networks, "G": averaged}).save(tmp_path / "g.pt")
     crop, lm = _aligned_crop(aligner, astronaut, 64)
     masked, mask = _draw_masks(crop, [_mask_polygon(lm)])
     inp, maps = tmp_path / "in", tmp_path / "maps"

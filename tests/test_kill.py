@@ -2,7 +2,7 @@
 rerun the same command after every kill, and check that nothing is ever corrupt, partial, lost or doubled.
 
 After every kill: the manifest parses and names complete samples only, every finished PNG decodes, every
-checkpoint loads (``load_checkpoint``: weights_only, format checks), metrics.csv parses with continuous
+checkpoint loads (``Checkpoint.load``: weights_only, format checks), metrics.csv parses with continuous
 epochs, and no worker process outlives the killed command. At the end: exactly N samples (stems
 000000..N-1, three files each, the expected sources in order, no orphans, no temporary files), and for
 training every epoch 1..E once in metrics.csv, each rerun resumed from the checkpoint the kill left, the
@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 from badfiles import REPO, leftovers, shared_server
 
-from unmask_cli.checkpoints import load_checkpoint
+from unmask_cli.checkpoints import Checkpoint
 from unmask_cli.data import MANIFEST, SUBDIRS, read_manifest
 from unmask_cli.fileio import TMP_MARK, read_image, read_mask
 from unmask_cli.training import read_metrics
@@ -285,10 +285,11 @@ def test_kill_prepare(tmp_path, kills, n, launcher):
     assert at_kill == sorted(at_kill) and 0 < at_kill[-1] < n  # never lost, never finished early
     check_prepared_final(out, n)
     if kills >= 10:  # the resumed dataset is the one an uninterrupted run writes, byte for byte
-        from unmask_cli.prepare import PrepareOptions, run_prepare
+        from unmask_cli.config import PrepareConfig
+        from unmask_cli.prepare import run_prepare
 
         clean = tmp_path / "clean"
-        run_prepare(PrepareOptions(out=clean, num_samples=n, size=SIZE, mask_types="surgical,n95,kn95,cloth,rect,oval"))
+        run_prepare(PrepareConfig(num_samples=n, size=SIZE, mask_types="surgical,n95,kn95,cloth,rect,oval"), clean)
         assert read_manifest(clean) == read_manifest(out)
         for sub in SUBDIRS:
             for path in sorted((clean / sub).iterdir()):
@@ -315,7 +316,7 @@ def check_run_after_kill(run: Path) -> int | None:
     (metrics are written just before last.pt). Returns the epoch of last.pt (None if there is none)."""
     epochs = {}
     for path in run.glob("*.pt"):
-        epochs[path.name] = int(load_checkpoint(path)["epoch"])
+        epochs[path.name] = int(Checkpoint.load(path).epoch)
     last = epochs.get("last.pt")
     rows = metric_epochs(run)
     assert rows == list(range(1, len(rows) + 1)), f"metrics epochs {rows}"
@@ -381,13 +382,13 @@ def test_kill_train(tmp_path, train_data, kills, epochs, launcher):
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # no gap, no repeat
     steps = [int(r["step"]) for r in rows]
     assert steps == [steps[0] * e for e in range(1, epochs + 1)]  # every epoch trained exactly once
-    last = load_checkpoint(run / "last.pt")
-    assert last["epoch"] == epochs and last["global_step"] == steps[-1] and last["samples_in_epoch"] == 0
+    last = Checkpoint.load(run / "last.pt")
+    assert last.epoch == epochs and last.global_step == steps[-1] and last.samples_in_epoch == 0
     for path in run.glob("*.pt"):
-        load_checkpoint(path)
+        Checkpoint.load(path)
     assert sorted(p.name for p in run.glob("epoch_*.pt")) == [f"epoch_{e:03d}.pt" for e in range(2, epochs + 1, 2)]
     for e in range(2, epochs + 1, 2):
-        assert load_checkpoint(run / f"epoch_{e:03d}.pt")["epoch"] == e
+        assert Checkpoint.load(run / f"epoch_{e:03d}.pt").epoch == e
     assert sorted(p.name for p in (run / "samples").iterdir()) == [f"epoch_{e:03d}.png" for e in range(1, epochs + 1)]
     assert leftovers(run) == []
     if kills >= 10:  # resumed from epoch ends: the same weights as an uninterrupted run, bit for bit
@@ -398,8 +399,8 @@ def test_kill_train(tmp_path, train_data, kills, epochs, launcher):
             "--name", "kill", "--device", "cpu", *TRAIN_SETS, "--set", f"train.epochs={epochs}"])],
             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
         assert clean.returncode == 0, clean.stderr
-        a = load_checkpoint(tmp_path / "clean" / "kill" / "last.pt")["networks"]
-        b = last["networks"]
+        a = Checkpoint.load(tmp_path / "clean" / "kill" / "last.pt").networks
+        b = last.networks
         assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
         assert np.allclose([float(r["g_total"]) for r in read_metrics(tmp_path / "clean" / "kill" / "metrics.csv")],
                            [float(r["g_total"]) for r in rows])

@@ -78,9 +78,9 @@ def exif_upright(astronaut) -> np.ndarray:
 
 def _save_ckpt(path: Path, *, image_size: int = SIZE, ngf: int = 8, config: dict | None = None,
                networks: dict | None = None, alignment: str | None = "visible") -> Path:
-    """A checkpoint in the training payload format, written by save_checkpoint (untrained networks);
+    """A checkpoint as training writes one (a ``Checkpoint``, untrained networks);
     ``alignment`` None: one from before alignments were recorded (ffhq-aligned training data)."""
-    from unmask_cli.checkpoints import save_checkpoint
+    from unmask_cli.checkpoints import Checkpoint
     from unmask_cli.config import Config
     from unmask_cli.models import build_networks
 
@@ -93,9 +93,8 @@ def _save_ckpt(path: Path, *, image_size: int = SIZE, ngf: int = 8, config: dict
     stored = cfg.to_dict()
     for section, values in (config or {}).items():
         stored[section].update(values)
-    save_checkpoint(path, {"epoch": 1, "samples_in_epoch": 0, "global_step": 1, "best_psnr": 0.0, "best_epoch": 0,
-                           "epoch_stats": {}, "config": stored, "vgg": "random", "networks": {**nets, **(networks or {})},
-                           **({"alignment": alignment} if alignment else {})})
+    Checkpoint(config=stored, networks={**nets, **(networks or {})}, epoch=1, global_step=1, best_psnr=0.0,
+               best_epoch=0, vgg="random", **({"alignment": alignment} if alignment else {})).save(path)
     return path
 
 
@@ -333,14 +332,15 @@ def test_prepare_non_utf8_file_name(cli, tmp_path, astronaut):
 @pytest.mark.skipif(IS_ROOT, reason="runs as root: root reads a chmod-000 file (test_unreadable_file covers "
                     "this through the CLI with root's override capabilities dropped)")
 def test_prepare_and_infer_unreadable_file_same_user(tmp_path, astronaut, ckpts):
+    from unmask_cli.config import PrepareConfig
     from unmask_cli.inference import InferConfig, run_infer
-    from unmask_cli.prepare import PrepareOptions, run_prepare
+    from unmask_cli.prepare import run_prepare
 
     src = tmp_path / "src"
     src.mkdir()
     write(src / "astronaut.jpg", jpeg_bytes(astronaut))
     write(src / "locked.jpg", jpeg_bytes(astronaut)).chmod(0)
-    summary = run_prepare(PrepareOptions(out=tmp_path / "p", source=src, num_samples=2, size=SIZE))
+    summary = run_prepare(PrepareConfig(source=src, num_samples=2, size=SIZE), tmp_path / "p")
     assert summary.skipped == {"unreadable": 1} and summary.written == 2
     infer = run_infer(InferConfig(checkpoint=str(ckpts["plain"]), device="cpu"), src, tmp_path / "i")
     assert [(n, r) for n, r, _ in infer.skipped_files] == [("locked.jpg", "unreadable")]
@@ -832,11 +832,12 @@ def test_full_disk_is_one_line(cli, writer_inputs, tmp_path, command):
 
 def test_shared_rgba_and_small_face_photos(shared_faces, tmp_path):
     """Real odd photos from ../shared/faces: a 32-bit RGBA PNG and a 240p photo (63 px face)."""
-    from unmask_cli.prepare import PrepareOptions, run_prepare
+    from unmask_cli.config import PrepareConfig
+    from unmask_cli.prepare import run_prepare
 
     src = tmp_path / "src"
     src.mkdir()
     for name in ("32bit.png", "obama-240p.jpg"):
         shutil.copy(shared_faces / name, src / name)
-    summary = run_prepare(PrepareOptions(out=tmp_path / "out", source=src, num_samples=2, size=SIZE))
+    summary = run_prepare(PrepareConfig(source=src, num_samples=2, size=SIZE), tmp_path / "out")
     assert summary.faces == 2 and not summary.skipped

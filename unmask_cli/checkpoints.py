@@ -123,12 +123,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """A :class:`Checkpoint` from a plain dict of its fields, saved (tests and benchmarks that write one)."""
-    known = {f.name for f in fields(Checkpoint)}
-    return Checkpoint(**{k: v for k, v in payload.items() if k in known}).save(path)
-
-
 def publish_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Atomically make ``target`` hold the content of ``source``: a hard link when the file system allows
     (no extra space; a later ``os.replace`` of ``source`` leaves ``target`` untouched), else a copy."""
@@ -332,7 +326,3 @@ def _load_generator(G: nn.Module, ckpt: Checkpoint, ema: bool, path: Path) -> st
     load_state(G, ckpt.networks["G"], "G", path)
     return "G (its EMA not used)" if started else ("G (its EMA has not started)" if stored else "G")
 
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:  # TEMPORARY: until the eval/infer tests move
-    ckpt = Checkpoint.load(path)
-    return {f.name: getattr(ckpt, f.name) for f in fields(ckpt) if getattr(ckpt, f.name) is not None}
