@@ -66,7 +66,10 @@ class Distributed:
             torch.distributed.barrier()
 
     def close(self) -> None:
+        """Leave the process group together: a process that tears down its gloo connections while a peer
+        still uses them makes that peer abort."""
         if self.on and torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     def _device(self) -> torch.device:
