@@ -199,18 +199,19 @@ def check_compatible(ckpt: Checkpoint, cfg, path: str | os.PathLike) -> None:
     """Refuse to resume a checkpoint of another architecture or image size (one line, names the keys)."""
     from unmask_cli.config import architecture_keys
 
-    stored, wanted = _flat(ckpt.model_config(path).to_dict()), _flat(cfg.to_dict())
+    stored, wanted = flatten(ckpt.model_config(path).to_dict()), flatten(cfg.to_dict())
     diff = [f"{k}={stored[k]} in the checkpoint, {wanted[k]} now" for k in architecture_keys() if stored[k] != wanted[k]]
     if diff:
         raise UnmaskError("checkpoint is for another network/size (" + "; ".join(diff) + "); use the same "
                           "settings, or start a new run with another --name", path)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"section.key": value}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

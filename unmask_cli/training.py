@@ -65,6 +65,7 @@ from unmask_cli.checkpoints import (
     Checkpoint,
     capture_rng,
     check_compatible,
+    flatten,
     load_state,
     publish_copy,
     restore_rng,
@@ -268,7 +269,7 @@ def restore_state(state: TrainState, ckpt: Checkpoint, path: Path, say=lambda te
     state.best_psnr, state.best_epoch = ckpt.best_psnr, ckpt.best_epoch
     state.epoch_stats = dict(ckpt.epoch_stats or {}) if state.samples else {}
     _restore_ema(state, ckpt, path, say)
-    old, new = _flat(ckpt.config), _flat(state.cfg.to_dict())
+    old, new = flatten(ckpt.config), flatten(state.cfg.to_dict())
     changed = [k for k, v in new.items() if old.get(k) != v]
     if changed:
         say(f"note: config differs from the checkpoint in {', '.join(changed[:6])}"
@@ -290,16 +291,6 @@ def checkpoint_of(state: TrainState, epochs_done: int, samples_done: int, stats:
         scaler=state.scaler.state_dict(), rng=capture_rng(), ema=averaged, device=str(dev.device),
         world_size=world, torch_version=str(torch.__version__), saved_at=_now(),
     )
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ----------------------------------------------------------------------------------------- one step
