@@ -23,19 +23,23 @@ test-all:
 lint:
 	$(BIN)/ruff check unmask_cli tests benchmarks
 
-# The main job, offline on the built-in sample portraits: prepare -> train (quick) -> eval -> infer.
+# The main job, offline on the built-in sample portraits: first the shipped model unmasks masked sample
+# photos (seconds), then the training demo: prepare -> train (quick) -> eval -> infer.
 # Random VGG features are an explicit opt-in here (no network for ImageNet weights); every report says so.
 demo:
+	$(BIN)/python -m unmask_cli.samples $(DEMO)/photos 4
+	$(BIN)/unmask infer $(DEMO)/photos $(DEMO)/shipped --compare
+	@echo "shipped model: $(DEMO)/shipped/ (input | output side by side in $(DEMO)/shipped/compare/); now the training demo"
 	$(BIN)/unmask prepare --out $(DEMO)/data --num-samples 320 --size 128 --workers 2 \
 		--mask-types surgical:2,n95,kn95,cloth:2,rect,oval
 	$(BIN)/unmask train --config configs/quick.yaml --data $(DEMO)/data --runs $(DEMO)/runs --name quick \
 		--set loss.vgg_weights=random
 	$(BIN)/unmask eval --checkpoint $(DEMO)/runs/quick/best.pt --data $(DEMO)/data --split test --out $(DEMO)/eval
-	$(BIN)/python -m unmask_cli.samples $(DEMO)/photos 4
 	$(BIN)/unmask infer $(DEMO)/photos $(DEMO)/unmasked --checkpoint $(DEMO)/runs/quick/best.pt \
 		--masks $(DEMO)/photos/masks --compare
 	@echo
 	@echo "demo done:"
+	@echo "  shipped model    : $(DEMO)/shipped/compare/ (masked | unmasked, no training needed)"
 	@echo "  training samples : $(DEMO)/runs/quick/samples/ (masked | output | original per epoch)"
 	@echo "  training curves  : $(DEMO)/runs/quick/curves.png (every loss, validation PSNR/SSIM/IoU, img/s)"
 	@echo "  metrics table    : $(DEMO)/eval/metrics.json, $(DEMO)/eval/per_image.csv"

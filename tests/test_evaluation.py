@@ -32,7 +32,7 @@ from unmask_cli.evaluation import (
 from unmask_cli.fileio import read_image
 
 SIZE = 64
-METHODS = ["ours", "telea", "ns", "masked"]
+METHODS = ["ours", "telea", "ns", "biharmonic", "masked"]
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +166,12 @@ def test_every_method_keeps_the_input_outside_the_mask(report: EvalReport):
 
 
 def test_whole_image_metrics_beat_region_metrics_for_baselines(report: EvalReport):
-    for method in ("telea", "ns", "masked"):
+    for method in ("telea", "ns", "biharmonic", "masked"):
         assert report.mean(method, "psnr_whole") > report.mean(method, "psnr_mask") + 3
         assert report.mean(method, "ssim_whole") > report.mean(method, "ssim_mask")
         assert report.mean(method, "fd_whole") < report.mean(method, "fd_mask")
     # doing nothing is the worst in the region: both inpainting methods improve on the masked input
-    for method in ("telea", "ns"):
+    for method in ("telea", "ns", "biharmonic"):
         assert report.mean(method, "psnr_mask") > report.mean("masked", "psnr_mask")
 
 
@@ -228,7 +228,7 @@ def test_table_and_caption_name_the_vgg_weights(report: EvalReport, checkpoint: 
     console = Console(record=True, width=250)
     console.print(report_table(report))
     text = console.export_text()
-    for label in ("ours (GAN)", "telea", "ns", "masked (input)"):
+    for label in ("ours (GAN)", "telea", "ns", "biharmonic", "masked (input)"):
         assert label in text
     assert "PSNR mask" in text and "SSIM whole" in text and "landmark" in text and "ID dist" in text
     assert "RANDOM VGG" in text and "NOT meaningful" in text

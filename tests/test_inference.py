@@ -38,7 +38,7 @@ def _randomise_bn(net: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def _write_checkpoint(path: Path, map_module: bool = True, map_bias: float | None = None,
-                      alignment: str | None = "visible") -> Path:
+                      alignment: str | None = "visible", crop: float = 1.0) -> Path:
     """``alignment`` None: a checkpoint from before alignments were recorded (trained on ffhq crops)."""
     from unmask_cli.checkpoints import Checkpoint
     from unmask_cli.config import Config
@@ -58,7 +58,7 @@ def _write_checkpoint(path: Path, map_module: bool = True, map_bias: float | Non
         nets["M"].head.bias.data.fill_(map_bias)
     Checkpoint(config=cfg.to_dict(), networks={k: v.state_dict() for k, v in nets.items()}, epoch=1,
                global_step=1, best_psnr=0.0, best_epoch=0, vgg="random",
-               **({"alignment": alignment} if alignment is not None else {})).save(path)
+               crop=crop, **({"alignment": alignment} if alignment is not None else {})).save(path)
     return path
 
 
@@ -82,6 +82,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         "map_all": _write_checkpoint(root / "map_all.pt", map_bias=10.0),
         "map_none": _write_checkpoint(root / "map_none.pt", map_bias=-10.0),
         "map_all_legacy": _write_checkpoint(root / "map_all_legacy.pt", map_bias=10.0, alignment=None),
+        "map_all_tight": _write_checkpoint(root / "map_all_tight.pt", map_bias=10.0, crop=0.7),
     }
 
 
@@ -426,7 +427,8 @@ def test_detectors_on_a_masked_face(tmp_path, ckpts, astronaut, aligner):
 
 def test_infer_aligns_photos_the_way_the_checkpoint_was_trained(tmp_path, ckpts, astronaut):
     """The map module of map_all marks the whole crop, so the used map is the crop's footprint in the photo:
-    the eyes square for a checkpoint of visible-aligned data, the FFHQ square for a legacy checkpoint."""
+    the eyes square for a checkpoint of visible-aligned data, the FFHQ square for a legacy checkpoint, the
+    eyes square shrunk about the chin for a checkpoint of 0.7 crops."""
     import cv2
 
     from unmask_cli.inference import _aligner
@@ -434,16 +436,20 @@ def test_infer_aligns_photos_the_way_the_checkpoint_was_trained(tmp_path, ckpts,
     inp = tmp_path / "in"
     inp.mkdir()
     _png(inp / "astro.png", astronaut)
-    for name, alignment in (("map_all", "visible"), ("map_all_legacy", "ffhq")):
+    areas = {}
+    for name, alignment, crop in (("map_all", "visible", 1.0), ("map_all_legacy", "ffhq", 1.0),
+                                  ("map_all_tight", "visible", 0.7)):
         summary = run_infer(_cfg(ckpts[name], save_masks=True, device="cpu"), inp, tmp_path / name)
         assert summary.alignment == alignment and summary.faces == 1
-        finder = _aligner(None, "yunet", alignment)
+        finder = _aligner(None, "yunet", alignment, crop)
         quad = finder.quad(finder.detect(astronaut)[0])
         expected = np.zeros(astronaut.shape[:2], np.uint8)
         cv2.fillPoly(expected, [quad.round().astype(np.int32)], 1)
         used = read_mask(tmp_path / name / "masks" / "astro.png")
         overlap = (used & (expected > 0)).sum() / (used | (expected > 0)).sum()
         assert overlap > 0.97, (alignment, overlap)
+        areas[name] = used.sum()
+    assert areas["map_all_tight"] / areas["map_all"] == pytest.approx(0.49, rel=0.05)
     assert "visible alignment" in _table_text(run_infer(_cfg(ckpts["map_all"], device="cpu"),
                                                         inp, tmp_path / "map_all"))
 

@@ -127,9 +127,13 @@ def test_rerun_continues_without_duplicates(tmp_path, source_dir):
         run_prepare(PrepareConfig(source=other, num_samples=6, size=64), out)
 
 
-def test_alignment_is_recorded_and_a_resume_keeps_it(tmp_path, source_dir):
-    from unmask_cli.data import dataset_alignment
+def dataset_alignment(root):
+    from unmask_cli.data import dataset_framing
 
+    return dataset_framing(root)[0]
+
+
+def test_alignment_is_recorded_and_a_resume_keeps_it(tmp_path, source_dir):
     out = tmp_path / "out"
     run_prepare(PrepareConfig(source=source_dir, num_samples=2, size=64), out)
     assert dataset_alignment(out) == "visible"
@@ -148,6 +152,28 @@ def test_alignment_is_recorded_and_a_resume_keeps_it(tmp_path, source_dir):
     assert "eyes" not in read_manifest(tmp_path / "legacy")[0]
     with pytest.raises(UnmaskError, match="unknown alignment 'mouth'"):
         run_prepare(PrepareConfig(source=source_dir, alignment="mouth"), tmp_path / "bad")
+
+
+def test_crop_is_recorded_tightens_the_face_and_a_resume_keeps_it(tmp_path, source_dir):
+    """A 0.7 crop of the same photo: the face (its landmarks) spans about 1/0.7 of the full crop's
+    share of the frame, the chin stays inside, and the folder and a resume keep the crop."""
+    from unmask_cli.data import dataset_framing
+
+    full, tight = tmp_path / "full", tmp_path / "tight"
+    run_prepare(PrepareConfig(source=source_dir, num_samples=2, size=64, mask_types="surgical"), full)
+    run_prepare(PrepareConfig(source=source_dir, num_samples=2, size=64, mask_types="surgical", crop=0.7), tight)
+    assert dataset_framing(full) == ("visible", 1.0) and dataset_framing(tight) == ("visible", 0.7)
+    for a, b in zip(read_manifest(full), read_manifest(tight), strict=True):
+        assert a["source"] == b["source"]
+        spans = [np.ptp(np.asarray(r["aligned_landmarks"]), axis=0).mean() for r in (a, b)]
+        assert spans[1] / spans[0] == pytest.approx(1 / 0.7, rel=0.02)
+        assert 0 < np.asarray(b["aligned_landmarks"])[8][1] < 64  # the chin
+        masks = [read_mask(root / "mask_maps" / f"{r['stem']}.png").mean() for root, r in ((full, a), (tight, b))]
+        assert masks[1] > 1.5 * masks[0]  # the mask takes a larger share of the frame
+    with pytest.raises(UnmaskError, match="crop: 0.7 -> 1.0"):
+        run_prepare(PrepareConfig(source=source_dir, num_samples=4, size=64, mask_types="surgical"), tight)
+    with pytest.raises(UnmaskError, match=r"crop 2.0 is outside \[0.4, 1.5\]"):
+        run_prepare(PrepareConfig(source=source_dir, crop=2.0), tmp_path / "bad")
 
 
 def test_deterministic(tmp_path, source_dir):

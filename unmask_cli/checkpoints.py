@@ -49,6 +49,7 @@ class Checkpoint:
     # how the training faces were aligned (unmask_cli.faces.ALIGNMENTS); infer aligns photos the same way.
     # Files from before it was recorded were trained on the legacy alignment.
     alignment: str = "ffhq"
+    crop: float = 1.0  # the crop factor of those faces (unmask_cli.faces.cropped_quad); 1.0 before it was recorded
     optimizers: dict = field(default_factory=dict)  # state dicts: G, D (both discriminators), M
     scaler: dict = field(default_factory=dict)  # torch.amp.GradScaler state (empty when AMP is off)
     rng: dict = field(default_factory=dict)  # torch / cuda / numpy / python random states (rank 0's)
@@ -59,6 +60,9 @@ class Checkpoint:
     world_size: int = 1  # processes that trained it (torchrun); the global batch is train.batch_size
     torch_version: str = ""
     saved_at: str = ""
+    # only in release files (unmask_cli.release): float16 G (+ M) for inference, and where they came from;
+    # loading one checks it against the sha256 of its sidecar
+    release: dict | None = None
 
     def save(self, path: str | os.PathLike) -> Path:
         """``torch.save`` to a temporary file in the same folder, fsync, rename into place."""
@@ -91,6 +95,11 @@ class Checkpoint:
         known = {f.name for f in fields(cls)}
         ckpt = cls(**{k: v for k, v in raw.items() if k in known})
         ckpt.alignment = _known_alignment(ckpt.alignment, path)
+        ckpt.crop = _known_crop(ckpt.crop, path)
+        if ckpt.release is not None:
+            from unmask_cli.release import verify_release
+
+            verify_release(path)
         return ckpt
 
     def model_config(self, path: str | os.PathLike):
@@ -272,6 +281,15 @@ def _known_alignment(alignment: Any, path: str | os.PathLike) -> str:
     return alignment
 
 
+def _known_crop(crop: Any, path: str | os.PathLike) -> float:
+    from unmask_cli.faces import check_crop
+
+    try:
+        return check_crop(float(crop))
+    except (TypeError, ValueError, UnmaskError) as err:
+        raise UnmaskError(f"checkpoint records a bad crop ({err})", path) from err
+
+
 @dataclass
 class TrainedModel:
     """What ``unmask eval`` / ``unmask infer`` need from a checkpoint; networks are in eval mode."""
@@ -286,6 +304,7 @@ class TrainedModel:
     path: Path
     weights: str = "G"  # which generator weights: "G", or "EMA of G (decay ..., N updates)"
     alignment: str = "ffhq"  # how its training faces were aligned (infer aligns photos the same way)
+    crop: float = 1.0  # and cropped
 
 
 def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -307,6 +326,8 @@ def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.
     except ConfigError as err:
         raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
     weights = _load_generator(G, ckpt, ema, path)
+    if ckpt.release is not None:
+        weights = f"{ckpt.release.get('weights', 'G')}, float16 release"
     if M is not None:
         load_state(M, nets["M"], "M", path)
     device = torch.device(device)
@@ -314,7 +335,7 @@ def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.
     M = M.to(device).eval() if M is not None else None
     return TrainedModel(G=G, M=M, config=cfg, image_size=cfg.data.image_size, epoch=int(ckpt.epoch),
                         global_step=int(ckpt.global_step), vgg=str(ckpt.vgg), path=path, weights=weights,
-                        alignment=ckpt.alignment)
+                        alignment=ckpt.alignment, crop=ckpt.crop)
 
 
 def _load_generator(G: nn.Module, ckpt: Checkpoint, ema: bool, path: Path) -> str:

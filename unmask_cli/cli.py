@@ -79,6 +79,7 @@ def prepare(
     landmarks: Annotated[Path | None, typer.Option(help="dlib 68-landmark model file; none = from face-recognition-models, or $UNMASK_LANDMARKS." + _default("prepare.landmarks"))] = None,
     detector: Annotated[str | None, typer.Option(help="Face detector: yunet (OpenCV's YuNet, shipped), hog, cnn (dlib) or hog+cnn." + _default("prepare.detector"))] = None,
     alignment: Annotated[str | None, typer.Option(help="visible (from the eyes: a masked face gets the same crop as its unmasked photo) or ffhq (eyes and mouth, the alignment before 'visible'). Recorded in the dataset and in checkpoints trained on it." + _default("prepare.alignment"))] = None,
+    crop: Annotated[float | None, typer.Option(help="Side of the crop square as a factor of the alignment square: 1.0 = FFHQ-sized (the face fills the middle half), 0.7 = the face fills the frame. Recorded like --alignment." + _default("prepare.crop"))] = None,
     preview: Annotated[int | None, typer.Option(help="Write a contact sheet of N random samples to --out (a .png) instead of a dataset.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -93,7 +94,8 @@ def prepare(
     options = {"prepare.source": source, "data.root": out, "prepare.num_samples": num_samples, "prepare.size": size,
                "prepare.workers": workers, "prepare.seed": seed, "prepare.mask_types": mask_types,
                "prepare.all_faces": all_faces, "prepare.recursive": recursive, "prepare.landmarks": landmarks,
-               "prepare.detector": detector, "prepare.alignment": alignment}
+               "prepare.detector": detector, "prepare.alignment": alignment,
+               "prepare.crop": crop}
     cfg = _config(config, set_, options)
     pc, root = cfg.prepare, Path(cfg.data.root)
     if preview is not None:
@@ -102,7 +104,7 @@ def prepare(
         return
     what = f"{pc.source}" if pc.source else "built-in sample portraits (astronaut, grace_hopper; augmented)"
     console.print(f"preparing {pc.samples()} samples at {pc.size}px from {what} with {pc.workers} worker(s); "
-                  f"{pc.detector} detector, {pc.alignment} alignment")
+                  f"{pc.detector} detector, {pc.alignment} alignment, crop {pc.crop:g}")
     with make_progress(console, unit="faces") as progress:
         summary = run_prepare(pc, root, progress)
     console.print(summary_table(summary))
@@ -139,7 +141,7 @@ def train(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint from 'unmask train' (last.pt, best.pt, epoch_NNN.pt)." + _default("eval.checkpoint"))] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint from 'unmask train' (last.pt, best.pt, epoch_NNN.pt), a release file, or 'shipped' (the model that ships with unmask)." + _default("eval.checkpoint"))] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset (or a folder with original_celeba_aligned/, masked_images/, mask_maps/); none = the checkpoint's data.root." + _default("eval.data"))] = None,
     split: Annotated[str | None, typer.Option(help="train, val, test or all." + _default("eval.split"))] = None,
     out: Annotated[Path | None, typer.Option(help="Report folder; none = <checkpoint folder>/eval_<split>." + _default("eval.out"))] = None,
@@ -148,12 +150,12 @@ def eval_(
     vgg_weights: Annotated[str | None, typer.Option(help="VGG16 weights for FD: imagenet, a weights file, or random; none = the checkpoint's loss.vgg_weights." + _default("eval.vgg_weights"))] = None,
     max_images: Annotated[int | None, typer.Option(help="Evaluate only the first N images of the split (0 = all)." + _default("eval.max_images"))] = None,
     sheet_images: Annotated[int | None, typer.Option(help="Rows in comparison.png (0 = none)." + _default("eval.sheet_images"))] = None,
-    baselines: Annotated[str | None, typer.Option(help="Classical methods scored beside the GAN: any of telea,ns,masked." + _default("eval.baselines"))] = None,
+    baselines: Annotated[str | None, typer.Option(help="Classical methods scored beside the GAN: any of telea,ns,biharmonic,masked." + _default("eval.baselines"))] = None,
     ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="Score the moving average of G's weights when the checkpoint has one (train.ema_decay > 0); --no-ema scores G's own weights." + _default("eval.ema"), show_default=False)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Score a checkpoint on held-out faces against classical inpainting (OpenCV Telea and Navier-Stokes).
+    """Score a checkpoint on held-out faces against classical inpainting (OpenCV Telea and Navier-Stokes, scikit-image biharmonic).
 
     PSNR, SSIM, VGG feature distance (whole image and mask region), dlib identity and landmark distances. Writes metrics.json, per_image.csv and comparison.png, and prints the table.
     """
@@ -174,7 +176,7 @@ def eval_(
 def infer(
     in_dir: Annotated[Path, typer.Argument(help="Folder of masked photos (or aligned crops with --aligned).")],
     out_dir: Annotated[Path, typer.Argument(help="Output folder (must not be IN_DIR or inside it).")],
-    checkpoint: Annotated[Path | None, typer.Option(help="Trained checkpoint (runs/NAME/best.pt)." + _default("infer.checkpoint"))] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Trained checkpoint (runs/NAME/best.pt) or release file; none = the model that ships with unmask." + _default("infer.checkpoint"))] = None,
     masks: Annotated[Path | None, typer.Option(help="Folder of mask maps with the same file stems; none = the map module predicts them." + _default("infer.masks"))] = None,
     aligned: Annotated[bool | None, typer.Option("--aligned/--photos", help="Inputs are aligned face crops (no detection, no paste-back), or whole photos." + _default("infer.aligned"), show_default=False)] = None,
     threshold: Annotated[float | None, typer.Option(help="Map-module threshold for predicted masks." + _default("infer.threshold"))] = None,
@@ -205,6 +207,25 @@ def infer(
     with make_progress(console, unit="img") as progress:
         summary = run_infer(cfg.infer, in_dir, out_dir, progress)
     console.print(summary_table(summary))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint from 'unmask train' (runs/NAME/best.pt).")],
+    out: Annotated[Path, typer.Option(help="Release file to write (NAME.pt; NAME.json, its sha256 and description, goes beside it).")],
+    data: Annotated[Path | None, typer.Option(help="The prepared dataset it was trained on, described in the release; none = the checkpoint's data.root (when present).")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="An 'unmask eval' metrics.json to record in the release.")] = None,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Pack the moving average of G's weights when the checkpoint has one.")] = True,
+) -> None:
+    """Pack a checkpoint into a release file others can run: float16 generator and map module, config, alignment, crop, data, metrics and sha256.
+
+    Run it with [bold]unmask infer IN OUT --checkpoint NAME.pt[/] (NAME.json must stay beside it). The shipped model was made this way.
+    """
+    from unmask_cli.release import export_release
+
+    path, sidecar = export_release(checkpoint, out, data=data, metrics=metrics, ema=ema)
+    console.print(f"release file [bold]{path}[/] ({sidecar['bytes'] / 1e6:.1f} MB, {sidecar['image_size']} px, "
+                  f"{sidecar['weights']}, sha256 {sidecar['sha256'][:12]}) and [bold]{path.with_suffix('.json')}[/]")
 
 
 def main() -> None:

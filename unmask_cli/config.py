@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from unmask_cli.errors import ConfigError
-from unmask_cli.faces import ALIGNMENTS, DETECTORS
+from unmask_cli.faces import ALIGNMENTS, CROPS, DETECTORS
 
 
 @dataclass
@@ -51,6 +51,9 @@ class PrepareConfig:
     # gets; ffhq: eyes and mouth corners (datasets made before 'visible'). Checkpoints record it; infer
     # aligns photos the same way.
     alignment: str = "visible"
+    # side of the crop square as a factor of the alignment square (1.0: FFHQ-sized, the face fills the
+    # middle half; 0.7: the face fills the frame and the mask about a third of it). Recorded like alignment.
+    crop: float = 1.0
     landmarks: str | None = None  # dlib 68-landmark model file; None = face-recognition-models / $UNMASK_LANDMARKS
     val_fraction: float = 0.05
     test_fraction: float = 0.05
@@ -128,7 +131,7 @@ class TrainConfig:
 class EvalConfig:
     """``unmask eval``: score a checkpoint on held-out faces against classical inpainting."""
 
-    checkpoint: str | None = None  # required: a checkpoint of 'unmask train'
+    checkpoint: str | None = None  # required: a checkpoint of 'unmask train', a release file, or 'shipped'
     data: str | None = None  # prepared dataset (or a folder of the three image folders); None = the checkpoint's data.root
     split: str = "test"  # train | val | test | all
     out: str | None = None  # report folder; None = <checkpoint folder>/eval_<split>
@@ -137,7 +140,7 @@ class EvalConfig:
     vgg_weights: str | None = None  # FD network: imagenet | a weights file | random; None = the checkpoint's
     max_images: int = 0  # only the first N images of the split; 0 = all
     sheet_images: int = 8  # rows in comparison.png; 0 = none
-    baselines: str = "telea,ns,masked"  # classical methods scored beside the GAN
+    baselines: str = "telea,ns,biharmonic,masked"  # classical methods scored beside the GAN
     ema: bool = True  # score the moving average of G when the checkpoint has one
 
 
@@ -145,7 +148,7 @@ class EvalConfig:
 class InferConfig:
     """``unmask infer IN_DIR OUT_DIR``: unmask a folder of photos or aligned crops."""
 
-    checkpoint: str | None = None  # a checkpoint of 'unmask train' (runs/NAME/best.pt)
+    checkpoint: str | None = None  # runs/NAME/best.pt or a release file; None = the model shipped with unmask
     masks: str | None = None  # folder of mask maps with the photos' file stems; None = the map module predicts them
     aligned: bool = False  # inputs are aligned crops: no detection, no paste-back
     threshold: float = 0.5  # map-module threshold for predicted masks
@@ -255,6 +258,7 @@ def _validate(cfg: Config, where: str) -> None:
         (cfg.prepare.workers >= 1, "prepare.workers must be >= 1"),
         (cfg.prepare.detector in DETECTORS, f"prepare.detector must be one of {', '.join(DETECTORS)}"),
         (cfg.prepare.alignment in ALIGNMENTS, f"prepare.alignment must be one of {', '.join(ALIGNMENTS)}"),
+        (CROPS[0] <= cfg.prepare.crop <= CROPS[1], f"prepare.crop must be in [{CROPS[0]}, {CROPS[1]}]"),
         (0 <= cfg.prepare.val_fraction < 1 and 0 <= cfg.prepare.test_fraction < 1
          and cfg.prepare.val_fraction + cfg.prepare.test_fraction < 1,
          "prepare.val_fraction + prepare.test_fraction must be in [0, 1)"),

@@ -61,10 +61,10 @@ def split_of(source_key: str, val_fraction: float, test_fraction: float, seed: i
     return "train"
 
 
-def dataset_alignment(root: str | os.PathLike) -> str:
-    """The face alignment a prepared folder was made with (``prepare.json``); folders from before the
-    alignment was recorded, or without settings, used the legacy one."""
-    from unmask_cli.faces import LEGACY_ALIGNMENT, check_alignment
+def dataset_framing(root: str | os.PathLike) -> tuple[str, float]:
+    """The face alignment and crop a prepared folder was made with (``prepare.json``); folders from before
+    they were recorded, or without settings, used the legacy ones."""
+    from unmask_cli.faces import LEGACY_ALIGNMENT, LEGACY_CROP, check_alignment, check_crop
 
     path = Path(root) / SETTINGS_FILE
     try:
@@ -72,7 +72,10 @@ def dataset_alignment(root: str | os.PathLike) -> str:
     except (ValueError, OSError, AttributeError) as err:
         raise UnmaskError(f"cannot read the dataset settings ({err})", path) from err
     try:
-        return check_alignment(settings.get("alignment", LEGACY_ALIGNMENT))
+        return (check_alignment(settings.get("alignment", LEGACY_ALIGNMENT)),
+                check_crop(float(settings.get("crop", LEGACY_CROP))))
+    except (TypeError, ValueError) as err:
+        raise UnmaskError(f"bad crop in the dataset settings ({err})", path) from err
     except UnmaskError as err:
         raise UnmaskError(str(err), path) from err
 

@@ -48,7 +48,7 @@ from unmask_cli.identity import FaceScorePool, default_workers, usable_cpus
 from unmask_cli.tensors import to_uint8
 
 OURS = "ours"
-BASELINE_ORDER = ("telea", "ns", "masked")
+BASELINE_ORDER = ("telea", "ns", "biharmonic", "masked")
 SPLIT_CHOICES = ("train", "val", "test", "all")
 FD_RANDOM_SEED = 0  # loss.vgg_weights=random: the FD network is the same in every evaluation
 FACE_WORKERS_MIN_IMAGES = 4  # up to this many images the dlib metrics run in this process
@@ -219,6 +219,7 @@ def run_eval(cfg: EvalConfig, progress=None) -> EvalReport:
     start = time.perf_counter()
     job = EvalJob(cfg)
     job.load_model()
+    job.check_framing()
     job.load_data()
     job.load_fd_network()
     workers = job.face_workers()
@@ -251,12 +252,16 @@ class EvalJob:
     :meth:`IdentityScorer.face_scores`); a new baseline into :data:`unmask_cli.baselines.BASELINES`."""
 
     def __init__(self, cfg: EvalConfig):
+        from unmask_cli.release import is_shipped, resolve_model
+
         if cfg.checkpoint is None:
-            raise UnmaskError("eval needs a checkpoint (--checkpoint or eval.checkpoint)")
+            raise UnmaskError("eval needs a checkpoint (--checkpoint or eval.checkpoint; 'shipped' for the "
+                              "model that ships with unmask)")
         self.cfg = cfg
         self.split = resolve_split(cfg.split)
         self.methods = [OURS, *parse_baselines(cfg.baselines)]
-        self.checkpoint = Path(cfg.checkpoint)
+        self.checkpoint = resolve_model(cfg.checkpoint)
+        self.shipped = is_shipped(self.checkpoint)
         self.rows: list[dict] = []  # per-image rows, in dataset order
         self.sheet: list[dict] = []  # the first cfg.sheet_images rows, with their images
         self.skipped: list[dict] = []  # {"stem", "error"}: samples that could not be read
@@ -276,6 +281,16 @@ class EvalJob:
         data = self.cfg.data if self.cfg.data is not None else self.model.config.data.root
         self.data_root = Path(data)
 
+    def check_framing(self) -> None:
+        """The faces must be aligned and cropped the way the model's training faces were."""
+        from unmask_cli.data import dataset_framing
+
+        framing, wanted = dataset_framing(self.data_root), (self.model.alignment, self.model.crop)
+        if (self.data_root / "manifest.jsonl").exists() and framing != wanted:
+            raise UnmaskError(f"the dataset's faces are '{framing[0]}'-aligned with crop {framing[1]:g}, the model "
+                              f"was trained on '{wanted[0]}' with crop {wanted[1]:g}; prepare the data with "
+                              f"--alignment {wanted[0]} --crop {wanted[1]:g}", self.data_root)
+
     def load_data(self) -> None:
         """The split's samples (the first ``max_images``), the manifest records, and the output folder."""
         from unmask_cli.data import PairedDataset, read_manifest
@@ -294,7 +309,9 @@ class EvalJob:
             self.dataset.stems = self.dataset.stems[: self.cfg.max_images]
         self.n_total = len(self.dataset.stems)
         out = self.cfg.out
-        self.out = Path(out) if out is not None else self.checkpoint.parent / f"eval_{self.split}"
+        # the shipped model lives inside the package: its reports go under runs/ in the working folder
+        default = Path("runs") / f"eval_shipped_{self.split}" if self.shipped else self.checkpoint.parent / f"eval_{self.split}"
+        self.out = Path(out) if out is not None else default
         if self.out.exists() and not self.out.is_dir():
             raise UnmaskError("output path exists and is not a folder", self.out)
         ensure_dir(self.out)

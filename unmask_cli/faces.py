@@ -311,6 +311,32 @@ def check_alignment(name: str) -> str:
     return name
 
 
+# The crop: a factor on the side of the alignment square. 1.0 is the FFHQ-sized square, in which a face
+# fills only its middle and the rest is border fill; below 1 the face fills the frame and the mask takes a
+# larger share of the pixels. The square shrinks about the point CROP_ANCHOR of its height down its
+# centre line, where the chin of a frontal face lies, so a tighter crop keeps the chin and loses forehead
+# and background first.
+CROPS = (0.4, 1.5)
+CROP_ANCHOR = 0.9
+LEGACY_CROP = 1.0  # datasets and checkpoints that record no crop were made with the full square
+
+
+def check_crop(crop: float) -> float:
+    if not CROPS[0] <= crop <= CROPS[1]:
+        raise UnmaskError(f"crop {crop} is outside [{CROPS[0]}, {CROPS[1]}] (1.0 = the full alignment square)")
+    return float(crop)
+
+
+def cropped_quad(quad: np.ndarray, crop: float) -> np.ndarray:
+    """``quad`` (corners as in :func:`ffhq_quad`) scaled by ``crop`` about its anchor (see :data:`CROP_ANCHOR`)."""
+    quad = np.asarray(quad, dtype=np.float64)
+    if crop == 1.0:
+        return quad
+    top_mid, bottom_mid = (quad[0] + quad[3]) * 0.5, (quad[1] + quad[2]) * 0.5
+    anchor = top_mid + (bottom_mid - top_mid) * CROP_ANCHOR
+    return anchor + (quad - anchor) * crop
+
+
 def quad_matrix(quad: np.ndarray, size: int) -> np.ndarray:
     """2x3 similarity matrix mapping the source photo to the SxS crop of ``quad``."""
     import cv2
@@ -477,12 +503,15 @@ class FaceAligner:
 
     ``detector``: one of :data:`DETECTORS`. ``alignment``: ``visible`` (from the eyes of the upper face,
     see :class:`VisibleEyes`; the same crop with or without a mask) or ``ffhq`` (eyes and mouth corners,
-    the alignment of datasets and checkpoints made before ``visible`` existed).
+    the alignment of datasets and checkpoints made before ``visible`` existed). ``crop``: the side of the
+    crop square as a factor of the alignment square's (:func:`cropped_quad`).
     """
 
     def __init__(self, size: int = 256, landmarks_path: str | os.PathLike | None = None, upsample: int = 1,
-                 min_face: int = 32, detector: str = DEFAULT_DETECTOR, alignment: str = DEFAULT_ALIGNMENT):
+                 min_face: int = 32, detector: str = DEFAULT_DETECTOR, alignment: str = DEFAULT_ALIGNMENT,
+                 crop: float = LEGACY_CROP):
         self.alignment = check_alignment(alignment)
+        self.crop = check_crop(crop)
         self.size = size
         self.upsample = upsample
         self.min_face = min_face
@@ -520,12 +549,13 @@ class FaceAligner:
         return faces
 
     def quad(self, face: Face) -> np.ndarray:
-        """The face's crop square in photo coordinates (see :func:`visible_quad`, :func:`ffhq_quad`)."""
+        """The face's crop square in photo coordinates (see :func:`visible_quad`, :func:`ffhq_quad`,
+        :func:`cropped_quad`)."""
         if self.alignment == "ffhq":
-            return ffhq_quad(face.landmarks)
+            return cropped_quad(ffhq_quad(face.landmarks), self.crop)
         if face.upper is None:
             raise ValueError(f"face {face.box} has no upper-face landmarks (smaller than min_face={self.min_face})")
-        return visible_quad(face.upper)
+        return cropped_quad(visible_quad(face.upper), self.crop)
 
     def align(self, rgb: np.ndarray, face: Face, size: int | None = None) -> AlignedFace:
         """Warp ``face`` to a ``size`` (default ``self.size``) square crop; the part outside the photo is

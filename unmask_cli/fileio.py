@@ -75,6 +75,17 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))  # non-UTF-8 file names round-trip
 

@@ -319,11 +319,12 @@ def _crop_size(quad: np.ndarray, image_size: int) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _aligner(landmarks_path: str | None, detector: str, alignment: str):
-    """Face detector + 68-landmark predictor for one alignment, loaded once per process (the models take seconds)."""
+def _aligner(landmarks_path: str | None, detector: str, alignment: str, crop: float = 1.0):
+    """Face detector + 68-landmark predictor for one alignment and crop, loaded once per process (the models
+    take seconds)."""
     from unmask_cli.faces import FaceAligner
 
-    return FaceAligner(size=256, landmarks_path=landmarks_path, detector=detector, alignment=alignment)
+    return FaceAligner(size=256, landmarks_path=landmarks_path, detector=detector, alignment=alignment, crop=crop)
 
 
 def _paste_face(item: _Item, edited: np.ndarray, crop_map: np.ndarray, matrix: np.ndarray, save_masks: bool) -> None:
@@ -380,11 +381,11 @@ def _check_folders(in_dir: Path, out_dir: Path, masks_dir: Path | None, save_mas
 
 
 def resolve_checkpoint(cfg: InferConfig) -> Path:
-    """The checkpoint infer runs: ``infer.checkpoint``. The one place a default model will be resolved
-    once unmask ships one."""
-    if cfg.checkpoint is None:
-        raise UnmaskError("infer needs a checkpoint (--checkpoint or infer.checkpoint)")
-    return Path(cfg.checkpoint)
+    """The checkpoint infer runs: ``infer.checkpoint``, or the model that ships with unmask when it is
+    none (or ``shipped``)."""
+    from unmask_cli.release import resolve_model
+
+    return resolve_model(cfg.checkpoint)
 
 
 def run_infer(cfg: InferConfig, in_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -412,7 +413,8 @@ class InferJob:
         _check_folders(in_dir, out_dir, masks_dir, cfg.save_masks, cfg.compare)
         self.masks = _MaskIndex(masks_dir) if masks_dir is not None else None
         model = self._load_model(checkpoint)
-        self.aligner = None if cfg.aligned else _aligner(cfg.landmarks or None, cfg.detector, model.alignment)
+        self.aligner = None if cfg.aligned else _aligner(cfg.landmarks or None, cfg.detector, model.alignment,
+                                                          model.crop)
         self.files = list_files(in_dir)
         self.stems = Counter(p.stem for p in self.files if is_image_name(p))
         self.summary = InferSummary(
@@ -640,6 +642,9 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
             else f"photos (detect with {DETECTOR_NAMES[summary.detector]}, {summary.alignment} alignment, paste back)")
     table.add_row("input", f"{summary.files} file(s), {what}")
     table.add_row("masks", "supplied (--masks)" if summary.mask_source == "supplied" else "predicted (map module)")
+    from unmask_cli.release import describe
+
+    table.add_row("checkpoint", describe(summary.checkpoint))
     table.add_row("model", f"{summary.image_size} px, {summary.weights}, {summary.device}")
     table.add_row("unmasked images", str(summary.processed))
     if summary.mode == "photos":

@@ -35,7 +35,7 @@ from unmask_cli.data import (
     split_of,
 )
 from unmask_cli.errors import BadInput, UnmaskError
-from unmask_cli.faces import LEGACY_ALIGNMENT, check_alignment, check_detector
+from unmask_cli.faces import LEGACY_ALIGNMENT, LEGACY_CROP, check_alignment, check_crop, check_detector
 from unmask_cli.fileio import atomic_write_bytes, atomic_write_text, ensure_dir, list_files, remove_temp_files
 
 BUILTIN_VARIANTS = 48  # distinct augmented photos of the built-in portraits
@@ -67,7 +67,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face: int, detector: str,
-                 alignment: str, weights, parent_dies: bool) -> None:
+                 alignment: str, crop: float, weights, parent_dies: bool) -> None:
     import cv2
 
     cv2.setNumThreads(1)
@@ -79,12 +79,12 @@ def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
-    settings = (size, landmarks_path, upsample, min_face, detector, alignment)
+    settings = (size, landmarks_path, upsample, min_face, detector, alignment, crop)
     if _WORKER.get("aligner_settings") != settings:
         from unmask_cli.faces import FaceAligner
 
         _WORKER["aligner"] = FaceAligner(size, landmarks_path, upsample=upsample, min_face=min_face,
-                                         detector=detector, alignment=alignment)
+                                         detector=detector, alignment=alignment, crop=crop)
         _WORKER["aligner_settings"] = settings
     _WORKER["weights"] = weights
 
@@ -207,7 +207,7 @@ def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
 
 def _settings(opts: PrepareConfig) -> dict:
     return {"size": opts.size, "seed": opts.seed, "mask_types": opts.mask_types, "all_faces": opts.all_faces,
-            "alignment": opts.alignment, "detector": opts.detector,
+            "alignment": opts.alignment, "crop": opts.crop, "detector": opts.detector,
             "source": str(Path(opts.source).resolve()) if opts.source else "builtin",
             "val_fraction": opts.val_fraction,
             "test_fraction": opts.test_fraction}
@@ -225,7 +225,8 @@ def _check_resume(root: Path, opts: PrepareConfig, have: int) -> None:
     if old.get("source") not in (None, "builtin"):  # the same folder, however it is spelled
         old["source"] = str(Path(old["source"]).resolve())
     old.setdefault("alignment", LEGACY_ALIGNMENT)  # folders from before the alignment was recorded
-    changed = [k for k in ("size", "seed", "mask_types", "all_faces", "source", "alignment")
+    old.setdefault("crop", LEGACY_CROP)
+    changed = [k for k in ("size", "seed", "mask_types", "all_faces", "source", "alignment", "crop")
                if k in old and old[k] != new[k]]
     if changed:
         detail = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
@@ -275,6 +276,7 @@ class _Pool:
 def _check_job(pc: PrepareConfig, root: Path) -> None:
     check_detector(pc.detector)
     check_alignment(pc.alignment)
+    check_crop(pc.crop)
     if root.exists() and not root.is_dir():
         raise UnmaskError("output exists and is not a folder", root)
     if pc.source is not None and root.resolve().is_relative_to(Path(pc.source).resolve()):
@@ -356,7 +358,7 @@ def run_prepare(pc: PrepareConfig, out: str | os.PathLike, progress=None) -> Pre
     done = {r["source"] for r in writer.records}
     pending = [(k, p) for k, p in items if k not in done and k not in writer.skipped]
     pool = _Pool(pc.workers, (pc.size, pc.landmarks, pc.upsample, pc.min_face, pc.detector, pc.alignment,
-                              weights, True))
+                              pc.crop, weights, True))
     try:
         if not writer.full and pending:
             for result in pool.imap(_process_source, ((k, p, pc.seed, pc.all_faces) for k, p in pending)):
@@ -417,7 +419,7 @@ def preview(opts: PrepareConfig, count: int, sheet_path: Path) -> int:
 
     weights = parse_mask_types(opts.mask_types)
     _init_worker(opts.size, opts.landmarks, opts.upsample, opts.min_face, opts.detector, opts.alignment,
-                 weights, False)
+                 opts.crop, weights, False)
     items = _source_items(opts)
     rng = np.random.default_rng(opts.seed)
     order = rng.permutation(len(items))

@@ -278,8 +278,9 @@ def restore_state(state: TrainState, ckpt: Checkpoint, path: Path, say=lambda te
         say(f"note: the checkpoint was trained with {ckpt.vgg}; now {state.vgg}")
 
 
-def checkpoint_of(state: TrainState, epochs_done: int, samples_done: int, stats: dict, alignment: str,
-                  dev: DeviceSetup, world: int = 1) -> Checkpoint:
+def checkpoint_of(state: TrainState, epochs_done: int, samples_done: int, stats: dict,
+                  framing: tuple[str, float], dev: DeviceSetup, world: int = 1) -> Checkpoint:
+    """``framing``: the (alignment, crop) of the training faces (:func:`unmask_cli.data.dataset_framing`)."""
     ema = state.ema
     averaged = None if ema is None else {"decay": state.cfg.train.ema_decay, "updates": int(ema.n_averaged),
                                          "G": ema.module.state_dict()}
@@ -287,7 +288,7 @@ def checkpoint_of(state: TrainState, epochs_done: int, samples_done: int, stats:
         config=state.cfg.to_dict(), networks={name: net.state_dict() for name, net in state.nets.items()},
         epoch=epochs_done, samples_in_epoch=samples_done, global_step=state.global_step,
         best_psnr=state.best_psnr, best_epoch=state.best_epoch, epoch_stats=stats, vgg=state.vgg,
-        alignment=alignment, optimizers={name: opt.state_dict() for name, opt in state.optimizers.items()},
+        alignment=framing[0], crop=framing[1], optimizers={name: opt.state_dict() for name, opt in state.optimizers.items()},
         scaler=state.scaler.state_dict(), rng=capture_rng(), ema=averaged, device=str(dev.device),
         world_size=world, torch_version=str(torch.__version__), saved_at=_now(),
     )
@@ -660,7 +661,7 @@ class Trainer:
                             ckpt.best_epoch, path, "-", ckpt.vgg, path, message)
 
     def _open_data(self, ckpt: Checkpoint | None, ckpt_path: Path | None) -> None:
-        from unmask_cli.data import PairedDataset, dataset_alignment
+        from unmask_cli.data import PairedDataset, dataset_framing
 
         tc, size = self.cfg.train, self.cfg.data.image_size
         cache = self.cfg.data.cache
@@ -669,12 +670,13 @@ class Trainer:
         if len(self.train_ds) == 0:
             raise UnmaskError("no training samples (the 'train' split is empty); run 'unmask prepare' first",
                               self.data_root)
-        self.alignment = dataset_alignment(self.data_root)
-        trained_on = self.alignment if ckpt is None else ckpt.alignment
-        if trained_on != self.alignment:
-            raise UnmaskError(f"checkpoint was trained on faces with the '{trained_on}' alignment, but "
-                              f"{self.data_root} holds '{self.alignment}'-aligned faces; start a new run "
-                              "(another --name) for this data", ckpt_path)
+        self.framing = dataset_framing(self.data_root)
+        trained_on = self.framing if ckpt is None else (ckpt.alignment, ckpt.crop)
+        if trained_on != self.framing:
+            raise UnmaskError(f"checkpoint was trained on faces with the '{trained_on[0]}' alignment and crop "
+                              f"{trained_on[1]:g}, but {self.data_root} holds '{self.framing[0]}'-aligned faces "
+                              f"with crop {self.framing[1]:g}; start a new run (another --name) for this data",
+                              ckpt_path)
         if tc.batch_size % self.dist.world:
             raise UnmaskError(f"train.batch_size={tc.batch_size} (the global batch) must be a multiple of the "
                               f"{self.dist.world} processes")
@@ -705,7 +707,7 @@ class Trainer:
         if not self.dist.main:
             return
         save_config(self.cfg, self.run_dir / "config.yaml")
-        info = {"vgg": state.vgg, "alignment": self.alignment, "device": self.dev.describe(),
+        info = {"vgg": state.vgg, "alignment": self.framing[0], "crop": self.framing[1], "device": self.dev.describe(),
                 "world_size": self.dist.world, "backend": self.dist.backend, "torch": str(torch.__version__),
                 "python": sys.version.split()[0], "data_root": str(self.data_root.resolve()),
                 "train_samples": len(self.train_ds), "val_samples": len(self.val_ds)}
@@ -752,7 +754,7 @@ class Trainer:
             for epoch in range(state.epoch, target):
                 stats, stopped = self.run_epoch(epoch)
                 if stopped:
-                    self._save(checkpoint_of(state, epoch, state.samples, stats, self.alignment, self.dev,
+                    self._save(checkpoint_of(state, epoch, state.samples, stats, self.framing, self.dev,
                                              self.dist.world))
                     return "interrupted", flag.signum
                 self.end_epoch(epoch, stats)
@@ -847,7 +849,7 @@ class Trainer:
         write_metrics(run_dir / "metrics.csv", self.rows)
         write_curves(run_dir / "curves.png", self.rows, f"unmask train: {run_dir.name}")
         self.board.log(row, grid)
-        self._save(checkpoint_of(self.state, epoch + 1, 0, {}, self.alignment, self.dev, self.dist.world))
+        self._save(checkpoint_of(self.state, epoch + 1, 0, {}, self.framing, self.dev, self.dist.world))
         if improved:
             publish_copy(self.last_path, run_dir / "best.pt")
         if (epoch + 1) % self.cfg.train.save_interval == 0:

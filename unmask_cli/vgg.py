@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,11 +43,9 @@ def _offline_help() -> str:
 
 
 def _sha256_prefix(path: Path, n: int = 12) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:n]
+    from unmask_cli.fileio import sha256_file
+
+    return sha256_file(path)[:n]
 
 
 def _torch_load_state(path: Path, what: str) -> dict:

@@ -1,0 +1,147 @@
+"""Release files and the shipped model: export, sha256 checks, infer/eval without --checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unmask_cli.checkpoints import Checkpoint, build_networks_from_checkpoint
+from unmask_cli.config import Config, EvalConfig, InferConfig, PrepareConfig
+from unmask_cli.errors import UnmaskError
+from unmask_cli.fileio import read_image, sha256_file, write_image
+from unmask_cli.release import SHIPPED_MODEL, export_release, resolve_model, verify_release
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _checkpoint(path: Path) -> Path:
+    """A small trained-looking checkpoint: random weights, BatchNorm statistics and an EMA of G that
+    differs from G (so the export must pick the EMA)."""
+    from unmask_cli.models import build_networks
+
+    cfg = Config()
+    cfg.data.image_size = 64
+    cfg.model.ngf = cfg.model.ndf = cfg.model.nmf = 8
+    cfg.loss.vgg_weights = "random"
+    torch.manual_seed(0)
+    nets = build_networks(cfg)
+    for net in nets.values():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    ema_G = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v.clone()
+             for k, v in nets["G"].state_dict().items()}
+    Checkpoint(config=cfg.to_dict(), networks={k: v.state_dict() for k, v in nets.items()}, epoch=3,
+               global_step=30, vgg="random", alignment="visible", crop=0.7,
+               ema={"decay": 0.999, "updates": 20, "G": ema_G}).save(path)
+    return path
+
+
+def test_export_packs_fp16_ema_weights_with_a_verified_sidecar(tmp_path):
+    source = _checkpoint(tmp_path / "best.pt")
+    out, sidecar = export_release(source, tmp_path / "mine.pt")
+    assert sidecar["sha256"] == sha256_file(out) and sidecar["bytes"] == out.stat().st_size
+    assert json.loads((tmp_path / "mine.json").read_text())["sha256"] == sidecar["sha256"]
+    assert sidecar["crop"] == 0.7 and sidecar["alignment"] == "visible" and sidecar["global_step"] == 30
+    assert "non-commercial" in sidecar["licence"] and sidecar["weights"].startswith("EMA of G")
+    packed = Checkpoint.load(out)
+    assert set(packed.networks) == {"G", "M"} and not packed.optimizers and packed.ema is None
+    assert all(v.dtype == torch.float16 for v in packed.networks["G"].values() if v.is_floating_point())
+    assert out.stat().st_size < 0.6 * source.stat().st_size
+    # the release runs like the EMA of the source, within float16 rounding
+    ours, theirs = build_networks_from_checkpoint(out), build_networks_from_checkpoint(source)
+    assert ours.crop == 0.7 and "float16 release" in ours.weights
+    x = torch.rand(2, 4, 64, 64) * 2 - 1
+    with torch.no_grad():
+        diff = (ours.G(x) - theirs.G(x)).abs().max().item()
+        plain = build_networks_from_checkpoint(source, ema=False).G(x)
+    assert diff < 0.02 and (plain - theirs.G(x)).abs().max().item() > 10 * diff
+
+
+def test_a_release_whose_bytes_or_sidecar_are_wrong_is_refused(tmp_path):
+    out, _ = export_release(_checkpoint(tmp_path / "best.pt"), tmp_path / "mine.pt")
+    data = bytearray(out.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "edited.pt").write_bytes(bytes(data))
+    (tmp_path / "edited.json").write_text((tmp_path / "mine.json").read_text())
+    with pytest.raises(UnmaskError, match="does not match its sha256") as err:
+        build_networks_from_checkpoint(tmp_path / "edited.pt")
+    assert "edited.pt" in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "lonely.pt").write_bytes(out.read_bytes())
+    with pytest.raises(UnmaskError, match="has no lonely.json beside it"):
+        Checkpoint.load(tmp_path / "lonely.pt")
+    with pytest.raises(UnmaskError, match="must end in .pt"):
+        export_release(tmp_path / "best.pt", tmp_path / "mine.bin")
+
+
+# ------------------------------------------------------------------------------------- the shipped model
+
+def _drawn_mask(aligner, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A light-blue surgical mask drawn over the lower face (jaw points 2-14 through the nose bridge)."""
+    import cv2
+
+    face = aligner.detect(photo)[0]
+    poly = np.concatenate([face.landmarks[2:15], face.landmarks[[29]]]).round().astype(np.int32)
+    masked, region = photo.copy(), np.zeros(photo.shape[:2], np.uint8)
+    cv2.fillPoly(masked, [poly], (170, 200, 225))
+    cv2.fillPoly(region, [poly], 1)
+    return masked, cv2.erode(region, np.ones((5, 5), np.uint8)).astype(bool)
+
+
+def test_the_shipped_model_is_verified_small_and_described():
+    assert resolve_model(None) == SHIPPED_MODEL == resolve_model("shipped")
+    doc = verify_release(SHIPPED_MODEL)
+    assert SHIPPED_MODEL.stat().st_size <= 30e6 and doc["dtype"] == "float16"
+    assert doc["image_size"] >= 128 and doc["crop"] < 1 and "non-commercial" in doc["licence"]
+    assert doc["data"]["samples"]["train"] > 5000 and doc["metrics"]["means"]["ours"]["psnr_mask"] > 0
+
+
+def test_infer_without_a_checkpoint_unmasks_a_photo_with_the_shipped_model(tmp_path, aligner, astronaut):
+    """No --checkpoint: the shipped model finds the drawn mask and paints a face that is much closer to
+    the real one than the mask was; the summary names the shipped model."""
+    from rich.console import Console
+
+    from unmask_cli.inference import run_infer, summary_table
+
+    masked, region = _drawn_mask(aligner, astronaut)
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "astro.png", masked)
+    summary = run_infer(InferConfig(device="cpu"), tmp_path / "in", tmp_path / "out")
+    assert summary.faces == 1 and summary.checkpoint == str(SHIPPED_MODEL)
+    console = Console(record=True, width=200)
+    console.print(summary_table(summary))
+    assert "shipped model" in console.export_text()
+    out = read_image(tmp_path / "out" / "astro.png").astype(float)
+    before = np.abs(masked[region].astype(float) - astronaut[region]).mean()
+    after = np.abs(out[region] - astronaut[region]).mean()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_eval_scores_the_shipped_model_on_data_with_its_crop(tmp_path, astronaut, grace_hopper, monkeypatch):
+    from unmask_cli.evaluation import run_eval
+    from unmask_cli.prepare import run_prepare
+
+    doc = verify_release(SHIPPED_MODEL)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_image(src / "astronaut.png", astronaut)
+    write_image(src / "hopper.png", grace_hopper)
+    data = tmp_path / "data"
+    run_prepare(PrepareConfig(source=str(src), num_samples=2, size=doc["image_size"], crop=doc["crop"],
+                              mask_types="surgical", val_fraction=0, test_fraction=0), data)
+    monkeypatch.chdir(tmp_path)  # the shipped model's reports go to ./runs/eval_shipped_<split>
+    report = run_eval(EvalConfig(checkpoint="shipped", data=str(data), split="all", device="cpu",
+                                 vgg_weights="random", sheet_images=0, baselines="telea,biharmonic"))
+    assert report.n_images == 2 and report.out == Path("runs") / "eval_shipped_all"
+    assert (tmp_path / "runs" / "eval_shipped_all" / "metrics.json").exists()
+    assert report.mean("ours", "psnr_mask") > report.mean("telea", "psnr_mask")
+    run_prepare(PrepareConfig(source=str(src), num_samples=1, size=doc["image_size"], mask_types="surgical",
+                              val_fraction=0, test_fraction=0), tmp_path / "wide")
+    with pytest.raises(UnmaskError, match="--crop 0.7"):
+        run_eval(EvalConfig(checkpoint="shipped", data=str(tmp_path / "wide"), split="all", device="cpu",
+                            vgg_weights="random"))
