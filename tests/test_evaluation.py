@@ -120,7 +120,7 @@ def test_files_exist_and_parse(report: EvalReport, checkpoint: Path, data_root: 
 
     with open(report.files["per_image"], newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 8 * 4
+    assert len(rows) == 8 * len(METHODS)
     assert {(r["stem"], r["method"]) for r in rows} == {(s, m) for s in stems for m in METHODS}
     assert list(rows[0]) == ["stem", "split", "method", "mask_fraction", *METRICS]
     splits = {r["stem"]: r["split"] for r in read_manifest(data_root)}
@@ -335,7 +335,7 @@ def test_bad_arguments(checkpoint: Path, data_root: Path, tmp_path: Path):
         evaluate(checkpoint, data_root, baselines="telea,opencv")
     with pytest.raises(UnmaskError, match="eval.max_images"):  # the config checks values (0 = all images)
         load_config(None, ["eval.max_images=-1"])
-    with pytest.raises(UnmaskError, match=r"eval needs a checkpoint \(--checkpoint or eval.checkpoint\)"):
+    with pytest.raises(UnmaskError, match=r"eval needs a checkpoint \(--checkpoint or eval.checkpoint; .shipped."):
         run_eval(EvalConfig(data=str(data_root)))
 
 

@@ -606,8 +606,8 @@ def test_refusals(tmp_path, ckpts, astronaut):
         run_infer(load_config(options=options).infer, inp, tmp_path / "out")  # refused by the config check
     with pytest.raises(UnmaskError, match="input folder not found"):
         run_infer(_cfg(ckpts["plain"]), tmp_path / "missing", tmp_path / "out")
-    with pytest.raises(UnmaskError, match=r"^infer needs a checkpoint \(--checkpoint or infer.checkpoint\)$"):
-        run_infer(InferConfig(), inp, tmp_path / "nothing")
+    with pytest.raises(UnmaskError, match=r"missing\.pt: checkpoint not found$"):
+        run_infer(_cfg(tmp_path / "missing.pt"), inp, tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()
 
 

@@ -634,7 +634,7 @@ TRAIN_RESUME = {
     "weights of another model": ("other_model", [], "checkpoint does not match the network 'G'"),
     "no training state": ("plain", [], "checkpoint has no optimizer state for 'G'"),
     "ffhq-aligned checkpoint, visible-aligned data": (
-        "legacy_alignment", [], "checkpoint was trained on faces with the 'ffhq' alignment, but "),
+        "legacy_alignment", [], "checkpoint was trained on faces with the 'ffhq' alignment and crop 1, but "),
 }
 
 

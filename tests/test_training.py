@@ -257,7 +257,7 @@ def test_a_folder_without_settings_is_taken_as_legacy_ffhq_crops(tmp_path):
     assert Checkpoint.load(tmp_path / "run" / "last.pt").alignment == "ffhq"
     assert build_networks_from_checkpoint(tmp_path / "run" / "last.pt").alignment == "ffhq"
     (root / "prepare.json").write_text('{"settings": {"alignment": "visible"}}')  # now visible-aligned data
-    with pytest.raises(UnmaskError, match="trained on faces with the 'ffhq' alignment, but .* holds 'visible'"):
+    with pytest.raises(UnmaskError, match="trained on faces with the 'ffhq' alignment and crop 1, but .* holds 'visible'-aligned faces with crop 1"):
         train(cfg_with("train.epochs=2"), tmp_path / "run", root, device_spec="cpu", console=quiet())
 
 

@@ -216,6 +216,7 @@ def export(
     data: Annotated[Path | None, typer.Option(help="The prepared dataset it was trained on, described in the release; none = the checkpoint's data.root (when present).")] = None,
     metrics: Annotated[Path | None, typer.Option(help="An 'unmask eval' metrics.json to record in the release.")] = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Pack the moving average of G's weights when the checkpoint has one.")] = True,
+    about: Annotated[str, typer.Option(help="The training data in words (where the faces came from, their licence), recorded in the release.")] = "",
 ) -> None:
     """Pack a checkpoint into a release file others can run: float16 generator and map module, config, alignment, crop, data, metrics and sha256.
 
@@ -223,7 +224,7 @@ def export(
     """
     from unmask_cli.release import export_release
 
-    path, sidecar = export_release(checkpoint, out, data=data, metrics=metrics, ema=ema)
+    path, sidecar = export_release(checkpoint, out, data=data, metrics=metrics, ema=ema, about=about)
     console.print(f"release file [bold]{path}[/] ({sidecar['bytes'] / 1e6:.1f} MB, {sidecar['image_size']} px, "
                   f"{sidecar['weights']}, sha256 {sidecar['sha256'][:12]}) and [bold]{path.with_suffix('.json')}[/]")
 

@@ -115,11 +115,12 @@ def _metrics_description(path: str | os.PathLike | None) -> dict:
 
 def export_release(source: str | os.PathLike, out: str | os.PathLike, data: str | os.PathLike | None = None,
                    metrics: str | os.PathLike | None = None, ema: bool = True,
-                   licence: str = DEFAULT_LICENCE) -> tuple[Path, dict]:
+                   licence: str = DEFAULT_LICENCE, about: str = "") -> tuple[Path, dict]:
     """Pack checkpoint ``source`` into release file ``out`` (float16 G and M) and its sidecar.
 
     ``data``: the prepared folder it was trained on (default: the checkpoint's ``data.root``, described
-    only when present); ``metrics``: an ``unmask eval`` metrics.json to record. Returns (path, sidecar)."""
+    only when present); ``metrics``: an ``unmask eval`` metrics.json to record; ``about``: the training data
+    in words. Returns (path, sidecar)."""
     from unmask_cli.checkpoints import Checkpoint, build_networks_from_checkpoint
     from unmask_cli.fileio import atomic_write_text, sha256_file
 
@@ -133,7 +134,7 @@ def export_release(source: str | os.PathLike, out: str | os.PathLike, data: str 
         networks["M"] = _half(model.M.state_dict())
     trained_on = _data_description(data if data is not None else model.config.data.root)
     release = {"weights": model.weights, "source": str(Path(source).resolve()), "licence": licence,
-               "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": trained_on,
+               "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": {"about": about, **trained_on},
                "metrics": _metrics_description(metrics)}
     packed = Checkpoint(config=ckpt.config, networks=networks, epoch=ckpt.epoch, global_step=ckpt.global_step,
                         best_psnr=ckpt.best_psnr, best_epoch=ckpt.best_epoch, vgg=ckpt.vgg,
