@@ -61,16 +61,22 @@ def split_of(source_key: str, val_fraction: float, test_fraction: float, seed: i
     return "train"
 
 
+def dataset_settings(root: str | os.PathLike) -> dict:
+    """The ``settings`` a prepared folder was made with (``prepare.json``); {} for a folder without them."""
+    path = Path(root) / SETTINGS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("settings", {}) if path.exists() else {}
+    except (ValueError, OSError, AttributeError) as err:
+        raise UnmaskError(f"cannot read the dataset settings ({err})", path) from err
+
+
 def dataset_framing(root: str | os.PathLike) -> tuple[str, float]:
     """The face alignment and crop a prepared folder was made with (``prepare.json``); folders from before
     they were recorded, or without settings, used the legacy ones."""
     from unmask_cli.faces import LEGACY_ALIGNMENT, LEGACY_CROP, check_alignment, check_crop
 
     path = Path(root) / SETTINGS_FILE
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {}) if path.exists() else {}
-    except (ValueError, OSError, AttributeError) as err:
-        raise UnmaskError(f"cannot read the dataset settings ({err})", path) from err
+    settings = dataset_settings(root)
     try:
         return (check_alignment(settings.get("alignment", LEGACY_ALIGNMENT)),
                 check_crop(float(settings.get("crop", LEGACY_CROP))))

@@ -283,10 +283,10 @@ class EvalJob:
 
     def check_framing(self) -> None:
         """The faces must be aligned and cropped the way the model's training faces were."""
-        from unmask_cli.data import dataset_framing
+        from unmask_cli.data import MANIFEST, dataset_framing
 
         framing, wanted = dataset_framing(self.data_root), (self.model.alignment, self.model.crop)
-        if (self.data_root / "manifest.jsonl").exists() and framing != wanted:
+        if (self.data_root / MANIFEST).exists() and framing != wanted:
             raise UnmaskError(f"the dataset's faces are '{framing[0]}'-aligned with crop {framing[1]:g}, the model "
                               f"was trained on '{wanted[0]}' with crop {wanted[1]:g}; prepare the data with "
                               f"--alignment {wanted[0]} --crop {wanted[1]:g}", self.data_root)

@@ -635,6 +635,8 @@ DETECTOR_NAMES = {"yunet": "YuNet", "hog": "dlib HOG", "cnn": "dlib CNN", "hog+c
 def summary_table(summary: InferSummary, max_listed: int = 10):
     from rich.table import Table
 
+    from unmask_cli.release import describe
+
     table = Table(title=f"unmask infer -> {summary.out_dir}", show_header=True)
     table.add_column("item")
     table.add_column("value", justify="right")
@@ -642,8 +644,6 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
             else f"photos (detect with {DETECTOR_NAMES[summary.detector]}, {summary.alignment} alignment, paste back)")
     table.add_row("input", f"{summary.files} file(s), {what}")
     table.add_row("masks", "supplied (--masks)" if summary.mask_source == "supplied" else "predicted (map module)")
-    from unmask_cli.release import describe
-
     table.add_row("checkpoint", describe(summary.checkpoint))
     table.add_row("model", f"{summary.image_size} px, {summary.weights}, {summary.device}")
     table.add_row("unmasked images", str(summary.processed))

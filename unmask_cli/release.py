@@ -87,15 +87,15 @@ def _half(state: dict) -> dict:
 
 def _data_description(root: str | os.PathLike | None) -> dict:
     """What the model was trained on: the prepared folder's settings and split sizes, when it is here."""
-    from unmask_cli.data import SETTINGS_FILE, read_manifest
+    from collections import Counter
 
-    if root is None or not (Path(root) / SETTINGS_FILE).exists():
+    from unmask_cli.data import dataset_settings, read_manifest
+
+    settings = dataset_settings(root) if root is not None else {}
+    if not settings:
         return {}
-    settings = json.loads((Path(root) / SETTINGS_FILE).read_text(encoding="utf-8")).get("settings", {})
-    splits: dict[str, int] = {}
-    for record in read_manifest(root):
-        splits[record.get("split", "?")] = splits.get(record.get("split", "?"), 0) + 1
-    return {"settings": settings, "samples": splits}
+    splits = Counter(record.get("split", "?") for record in read_manifest(root))
+    return {"settings": settings, "samples": dict(splits)}
 
 
 def _metrics_description(path: str | os.PathLike | None) -> dict:
