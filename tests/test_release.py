@@ -145,3 +145,22 @@ def test_eval_scores_the_shipped_model_on_data_with_its_crop(tmp_path, astronaut
     with pytest.raises(UnmaskError, match="--crop 0.7"):
         run_eval(EvalConfig(checkpoint="shipped", data=str(tmp_path / "wide"), split="all", device="cpu",
                             vgg_weights="random"))
+
+
+def test_unmask_export_command_writes_a_release_infer_can_run(tmp_path, astronaut):
+    """The CLI path: `unmask export` writes the pair; `unmask infer --aligned --checkpoint` runs it."""
+    import subprocess
+    import sys
+
+    source = _checkpoint(tmp_path / "best.pt")
+    run = subprocess.run([sys.executable, "-m", "unmask_cli", "export", "--checkpoint", str(source), "--out",
+                          str(tmp_path / "mine.pt"), "--about", "random weights"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "sha256" in run.stdout and json.loads((tmp_path / "mine.json").read_text())["data"]["about"] == "random weights"
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "face.png", np.ascontiguousarray(astronaut[:200, 150:350]))
+    run = subprocess.run([sys.executable, "-m", "unmask_cli", "infer", str(tmp_path / "in"), str(tmp_path / "out"),
+                          "--aligned", "--checkpoint", str(tmp_path / "mine.pt"), "--device", "cpu"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "face.png").exists() and "release file" in run.stdout
