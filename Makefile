@@ -27,7 +27,7 @@ lint:
 # photos (seconds), then the training demo: prepare -> train (quick) -> eval -> infer.
 # Random VGG features are an explicit opt-in here (no network for ImageNet weights); every report says so.
 demo:
-	$(BIN)/python -m unmask_cli.samples $(DEMO)/photos 4
+	$(BIN)/python -m unmask_cli.demo $(DEMO)/photos 4
 	$(BIN)/unmask infer $(DEMO)/photos $(DEMO)/shipped --compare
 	@echo "shipped model: $(DEMO)/shipped/ (input | output side by side in $(DEMO)/shipped/compare/); now the training demo"
 	$(BIN)/unmask prepare --out $(DEMO)/data --num-samples 320 --size 128 --workers 2 \

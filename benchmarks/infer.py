@@ -111,8 +111,8 @@ def _photo_checkpoint(path, size: int, alignment: str | None):
 def _photos(folder, count: int, long_side: int):
     import cv2
 
+    from unmask_cli.demo import write_masked_photos
     from unmask_cli.fileio import read_image, write_image
-    from unmask_cli.samples import write_masked_photos
 
     paths = write_masked_photos(folder, count)
     for path in paths:

@@ -12,8 +12,9 @@ import torch
 from unmask_cli.checkpoints import Checkpoint, build_networks_from_checkpoint
 from unmask_cli.config import Config, EvalConfig, InferConfig, PrepareConfig
 from unmask_cli.errors import UnmaskError
+from unmask_cli.export import export_release
 from unmask_cli.fileio import read_image, sha256_file, write_image
-from unmask_cli.release import SHIPPED_MODEL, export_release, resolve_model, verify_release
+from unmask_cli.release import SHIPPED_MODEL, resolve_model, verify_release
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

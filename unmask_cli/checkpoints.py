@@ -25,6 +25,7 @@ from torch import nn
 
 from unmask_cli.errors import ConfigError, UnmaskError
 from unmask_cli.fileio import TMP_MARK, atomic_output, file_mode
+from unmask_cli.release import verify_release
 
 FORMAT = "unmask-checkpoint"
 VERSION = 1
@@ -97,8 +98,6 @@ class Checkpoint:
         ckpt.alignment = _known_alignment(ckpt.alignment, path)
         ckpt.crop = _known_crop(ckpt.crop, path)
         if ckpt.release is not None:
-            from unmask_cli.release import verify_release
-
             verify_release(path)
         return ckpt
 
