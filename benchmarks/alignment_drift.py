@@ -33,7 +33,7 @@ from rich.table import Table
 from unmask_cli.errors import BadInput
 from unmask_cli.faces import FaceAligner
 from unmask_cli.fileio import list_images, read_image
-from unmask_cli.masks import MASK_STYLES, apply_style
+from unmask_cli.masks import MASK_DESIGNS, apply_style
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--offset", type=int, default=500,
                         help="skip the first N UTKFace photos (the alignment's constants were tuned on the first 500)")
     parser.add_argument("--today-faces", type=int, default=100)
-    parser.add_argument("--styles", default=",".join(MASK_STYLES))
+    parser.add_argument("--styles", default=",".join(MASK_DESIGNS))
     parser.add_argument("--out", type=Path, default=Path("runs/drift"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS))

@@ -33,7 +33,7 @@ from rich.table import Table
 from unmask_cli.errors import BadInput
 from unmask_cli.faces import FaceAligner, make_detector
 from unmask_cli.fileio import list_images, read_image
-from unmask_cli.masks import MASK_STYLES, apply_style
+from unmask_cli.masks import MASK_DESIGNS, apply_style
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--faces", type=Path, default=SHARED / "faces")
     parser.add_argument("--limit", type=int, default=0, help="only the first N real photos (0 = all)")
     parser.add_argument("--min-face", type=int, default=32)
-    parser.add_argument("--styles", default=",".join(MASK_STYLES))
+    parser.add_argument("--styles", default=",".join(MASK_DESIGNS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/detect"))
     args = parser.parse_args()

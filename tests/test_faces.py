@@ -136,13 +136,14 @@ def _drift(reference: np.ndarray, quad: np.ndarray) -> float:
 def test_visible_alignment_hardly_moves_under_a_mask(astronaut, grace_hopper):
     """The same faces aligned with and without each mask style: the visible alignment's crop corners move
     by a small share of the crop side, far less than the legacy (eyes + mouth) alignment's."""
-    from unmask_cli.masks import MASK_STYLES, apply_style
+    from unmask_cli.masks import apply_style
+    from unmask_cli.masks.styles import DESIGNS  # the mask designs (not free-form holes or bare faces)
 
     visible, legacy = FaceAligner(alignment="visible"), FaceAligner(alignment="ffhq")
     drifts = {"visible": [], "ffhq": []}
     for photo in (astronaut, grace_hopper):
         clean = {name: aligner.detect(photo)[0] for name, aligner in (("visible", visible), ("ffhq", legacy))}
-        for style in MASK_STYLES:
+        for style in DESIGNS:
             masked = apply_style(style, photo, clean["ffhq"].landmarks, np.random.default_rng(1)).masked
             for name, aligner in (("visible", visible), ("ffhq", legacy)):
                 (face,) = aligner.detect(masked)
@@ -165,7 +166,7 @@ def test_alignments_frame_the_face_alike_and_bad_names_are_one_line_errors(astro
     left_eye, right_eye = crop[36:42].mean(0), crop[42:48].mean(0)
     assert abs(left_eye[1] - right_eye[1]) < 1.0 and abs((left_eye[0] + right_eye[0]) / 2 - 64) < 2
     for bad in ("eyes", ""):
-        with pytest.raises(UnmaskError, match=f"unknown alignment '{bad}' \\(choose visible, ffhq\\)"):
+        with pytest.raises(UnmaskError, match=f"unknown alignment '{bad}' \\(choose visible, visible-neck, ffhq\\)"):
             check_alignment(bad)
     with pytest.raises(UnmaskError, match="unknown face detector 'blazeface'"):
         FaceAligner(detector="blazeface")
@@ -182,3 +183,27 @@ def test_a_missing_or_broken_yunet_file_is_a_one_line_error(monkeypatch, tmp_pat
     with pytest.raises(UnmaskError, match="cannot load the YuNet face detector") as info:
         faces.YuNetDetector()
     assert "\n" not in str(info.value) and str(tmp_path / faces.YUNET_MODEL) in str(info.value)
+
+
+def test_visible_neck_framing_holds_masks_that_reach_the_neck(astronaut, grace_hopper):
+    """The visible-neck square (moved down, crop 1.1) holds varied masks whole; the v1 framing (visible,
+    crop 0.7) cuts most of them at the chin."""
+    from unmask_cli.prepare import mask_fits_crop
+
+    shares = {}
+    for alignment, crop in (("visible", 0.7), ("visible-neck", 1.1)):
+        aligner = FaceAligner(128, alignment=alignment, crop=crop)
+        fit = []
+        for photo in (astronaut, grace_hopper):
+            face = aligner.detect(photo)[0]
+            for seed in range(10):
+                style = ("surgical", "cloth", "n95", "kn95", "freeform")[seed % 5]
+                fit.append(mask_fits_crop(aligner, photo, face, style, np.random.default_rng(seed), variety=True))
+        shares[alignment] = np.mean(fit)
+    assert shares["visible-neck"] >= 0.95 and shares["visible"] <= 0.5, shares
+    # the same eyes: visible-neck is the visible square moved straight down (the eye line stays level)
+    visible, neck = FaceAligner(128, crop=1.1), FaceAligner(128, alignment="visible-neck", crop=1.1)
+    face = visible.detect(astronaut)[0]
+    crop = neck.align(astronaut, face).landmarks
+    assert abs(crop[36:42].mean(0)[1] - crop[42:48].mean(0)[1]) < 1.0
+    assert crop[36:48, 1].mean() < visible.align(astronaut, face).landmarks[36:48, 1].mean() - 10

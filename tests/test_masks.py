@@ -24,6 +24,7 @@ from unmask_cli.masks import (
 from unmask_cli.masks.geometry import FaceFrame
 
 STYLES = ["rect", "oval", "surgical", "n95", "kn95", "cloth"]
+KINDS = ("freeform", "bare", "lookalike")  # samples that are not one designed mask
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 AREA_BOUNDS = (0.25, 1.1)  # mask area / face box (jaw landmarks' extent in the eye-aligned frame); the
 # box ends at the chin landmark while masks hang below it, so children's faces reach ~1.05
@@ -102,7 +103,7 @@ def face_box_area(lm: np.ndarray) -> float:
 
 
 def check_invariants(image: np.ndarray, lm: np.ndarray, result: MaskResult, style: str,
-                     nose_tip: bool = True) -> None:
+                     nose_tip: bool = True, area: tuple[float, float] = AREA_BOUNDS) -> None:
     """All hard invariants; ``nose_tip`` also requires landmark 30 (not only the nose bottom 31-35)."""
     original = image.copy()
     assert isinstance(result, MaskResult) and result.style == style and result.params["style"] == style
@@ -130,7 +131,7 @@ def check_invariants(image: np.ndarray, lm: np.ndarray, result: MaskResult, styl
         window = mask[max(0, y - 1):y + 2, max(0, x - 1):x + 2]
         assert not window.any(), f"{style}: landmark {i} (eye/brow) is masked"
     ratio = mask.sum() / face_box_area(lm)
-    assert AREA_BOUNDS[0] <= ratio <= AREA_BOUNDS[1], f"{style}: area ratio {ratio:.2f}"
+    assert area[0] <= ratio <= area[1], f"{style}: area ratio {ratio:.2f}"
     # params: plain JSON types only, round trip unchanged
     assert json.loads(json.dumps(result.params)) == result.params
     _assert_plain(result.params)
@@ -150,7 +151,7 @@ def _assert_plain(value) -> None:
 
 # -- tests ----------------------------------------------------------------------------------------------
 def test_registry_has_all_styles():
-    assert sorted(MASK_STYLES) == sorted(STYLES)
+    assert sorted(MASK_STYLES) == sorted(STYLES + list(KINDS))
     assert all(callable(fn) for fn in MASK_STYLES.values())
 
 
@@ -303,7 +304,7 @@ def test_parse_mask_types():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("x", "unknown mask type 'x' (known: rect, oval, surgical, n95, kn95, cloth)"),
+    ("x", "unknown mask type 'x' (known: rect, oval, surgical, n95, kn95, cloth, freeform, bare, lookalike)"),
     ("surgical:3,hat:1", "unknown mask type 'hat'"),
     ("rect:0", "bad weight '0' for mask type 'rect'"),
     ("rect:-1", "bad weight '-1'"),
@@ -409,3 +410,72 @@ def test_invariants_on_utkface(dlib_models):
             break
     assert done >= 15
     assert tip_covered >= 0.9 * runs  # the nose tip itself is covered on nearly every face
+
+
+# -- varied masks, free-form holes, faces without a mask --------------------------------------------------
+@pytest.mark.parametrize("style", STYLES)
+def test_varied_masks_keep_the_invariants_and_vary(crops, style):
+    """--mask-variety: the same hard rules (outside untouched, mouth/nose bottom/chin covered, eyes clear),
+    with outlines that differ far more between draws than the designs do."""
+    image, lm = crops[128]
+    designed, varied = [], []
+    for seed in range(6):
+        result = apply_style(style, image, lm, np.random.default_rng(seed), variety=True)
+        check_invariants(image, lm, result, style, nose_tip=False, area=(0.2, 1.6))
+        assert "varied" in result.params["geometry"] or "varied" in result.params
+        varied.append(result.mask)
+        designed.append(apply_style(style, image, lm, np.random.default_rng(seed)).mask)
+
+    def spread(masks):  # mean pairwise IoU distance between the draws' maps
+        pairs = [(a, b) for i, a in enumerate(masks) for b in masks[i + 1:]]
+        return np.mean([1 - (a & b).sum() / (a | b).sum() for a, b in pairs])
+
+    assert spread(varied) > spread(designed) + 0.05
+
+
+def test_varied_masks_have_many_looks(crops):
+    """Any colour: the hues of varied surgical masks cover far more of the colour wheel than the palette."""
+    image, lm = crops[128]
+    hues = {False: set(), True: set()}
+    for variety in (False, True):
+        for seed in range(30):
+            r = apply_style("surgical", image, lm, np.random.default_rng(seed), variety=variety)
+            mean = r.masked[r.mask].mean(axis=0).astype(np.uint8)[None, None]
+            h, s_, _ = cv2.cvtColor(mean, cv2.COLOR_RGB2HSV)[0, 0]
+            if s_ > 40:
+                hues[variety].add(int(h) // 15)  # 12 hue sectors
+    assert len(hues[True]) >= len(hues[False]) + 3, hues
+
+
+def test_freeform_holes_cover_the_lower_face_and_spare_the_eyes(crops):
+    image, lm = crops[128]
+    areas = []
+    for seed in range(8):
+        r = apply_style("freeform", image, lm, np.random.default_rng(seed))
+        assert r.style == "freeform" and r.mask.any() and r.scene is None
+        assert np.array_equal(r.masked[~r.mask], image[~r.mask])
+        for i in range(36, 48):
+            assert not _at(r.mask, lm[i]), f"free-form hole over eye landmark {i}"
+        ys = np.nonzero(r.mask)[0]
+        assert ys.min() > lm[36:48, 1].min()  # below the eyes' top
+        areas.append(r.mask.mean())
+    assert np.ptp(areas) > 0.02  # holes of many sizes
+
+
+def test_bare_faces_and_lookalikes_have_empty_maps(crops):
+    image, lm = crops[128]
+    bare = apply_style("bare", image, lm, np.random.default_rng(0))
+    assert not bare.mask.any() and np.array_equal(bare.masked, image)
+    kinds = set()
+    for seed in range(20):
+        r = apply_style("lookalike", image, lm, np.random.default_rng(seed))
+        assert not r.mask.any(), "a look-alike is not a mask: its map stays empty"
+        assert r.scene is not None and np.array_equal(r.scene, r.masked)  # the target is the scene itself
+        assert (r.scene != image).any()
+        kinds.add(r.params["kind"])
+    assert len(kinds) >= 4
+
+
+def test_new_kinds_in_the_weights_spec():
+    assert parse_mask_types("surgical:3,freeform:2,bare,lookalike:0.5") == [
+        ("surgical", 3.0), ("freeform", 2.0), ("bare", 1.0), ("lookalike", 0.5)]

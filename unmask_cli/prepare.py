@@ -67,7 +67,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face: int, detector: str,
-                 alignment: str, crop: float, weights, parent_dies: bool) -> None:
+                 alignment: str, crop: float, weights, variety: bool, parent_dies: bool) -> None:
     import cv2
 
     cv2.setNumThreads(1)
@@ -87,6 +87,7 @@ def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face:
                                          detector=detector, alignment=alignment, crop=crop)
         _WORKER["aligner_settings"] = settings
     _WORKER["weights"] = weights
+    _WORKER["variety"] = variety
 
 
 def _mask_rng(seed: int, key: str, face_index: int, round_: int) -> np.random.Generator:
@@ -103,9 +104,11 @@ def _png(rgb: np.ndarray) -> bytes:
 def _render(aligned_rgb: np.ndarray, aligned_lm: np.ndarray, seed: int, key: str, face_index: int, round_: int):
     from unmask_cli.masks import synthesize
 
-    result = synthesize(aligned_rgb, aligned_lm, _WORKER["weights"], _mask_rng(seed, key, face_index, round_))
+    result = synthesize(aligned_rgb, aligned_lm, _WORKER["weights"], _mask_rng(seed, key, face_index, round_),
+                        _WORKER["variety"])
+    scene = aligned_rgb if result.scene is None else result.scene  # a look-alike is part of the face
     return (
-        _png(aligned_rgb), _png(result.masked), _png(result.mask.astype(np.uint8) * 255),
+        _png(scene), _png(result.masked), _png(result.mask.astype(np.uint8) * 255),
         {"style": result.style, **result.params},
     )
 
@@ -206,7 +209,8 @@ def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
 
 
 def _settings(opts: PrepareConfig) -> dict:
-    return {"size": opts.size, "seed": opts.seed, "mask_types": opts.mask_types, "all_faces": opts.all_faces,
+    return {"size": opts.size, "seed": opts.seed, "mask_types": opts.mask_types,
+            "mask_variety": opts.mask_variety, "all_faces": opts.all_faces,
             "alignment": opts.alignment, "crop": opts.crop, "detector": opts.detector,
             "source": str(Path(opts.source).resolve()) if opts.source else "builtin",
             "val_fraction": opts.val_fraction,
@@ -226,7 +230,8 @@ def _check_resume(root: Path, opts: PrepareConfig, have: int) -> None:
         old["source"] = str(Path(old["source"]).resolve())
     old.setdefault("alignment", LEGACY_ALIGNMENT)  # folders from before the alignment was recorded
     old.setdefault("crop", LEGACY_CROP)
-    changed = [k for k in ("size", "seed", "mask_types", "all_faces", "source", "alignment", "crop")
+    old.setdefault("mask_variety", False)
+    changed = [k for k in ("size", "seed", "mask_types", "mask_variety", "all_faces", "source", "alignment", "crop")
                if k in old and old[k] != new[k]]
     if changed:
         detail = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
@@ -358,7 +363,7 @@ def run_prepare(pc: PrepareConfig, out: str | os.PathLike, progress=None) -> Pre
     done = {r["source"] for r in writer.records}
     pending = [(k, p) for k, p in items if k not in done and k not in writer.skipped]
     pool = _Pool(pc.workers, (pc.size, pc.landmarks, pc.upsample, pc.min_face, pc.detector, pc.alignment,
-                              pc.crop, weights, True))
+                              pc.crop, weights, pc.mask_variety, True))
     try:
         if not writer.full and pending:
             for result in pool.imap(_process_source, ((k, p, pc.seed, pc.all_faces) for k, p in pending)):
@@ -386,6 +391,30 @@ def _reuse_faces(pool: _Pool, writer: _Writer, sources: int) -> None:
     for result in pool.imap(_process_reuse, tasks):
         if writer.commit(result):
             break
+
+
+def mask_fits_crop(aligner, image: np.ndarray, face, style: str, rng: np.random.Generator,
+                   variety: bool = False) -> bool:
+    """Whether a ``style`` mask drawn on ``face`` lies entirely inside the crop ``aligner`` makes of it.
+
+    A mask drawn on the crop itself is clipped at its border and cannot tell, so the face is aligned on a
+    canvas of twice the crop's side around the same centre (masks are designed in face units: the same
+    draw gives the same mask at any scale) and no mask pixel, straps included, may fall outside its central
+    half. Raises BadInput when no mask can be drawn."""
+    import cv2
+
+    from unmask_cli.faces import quad_matrix, transform_points
+    from unmask_cli.masks import apply_style
+
+    size = 256
+    quad = aligner.quad(face)
+    centre = quad.mean(axis=0)
+    matrix = quad_matrix(centre + (quad - centre) * 2.0, size)
+    canvas = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+    mask = apply_style(style, canvas, transform_points(face.landmarks, matrix), rng, variety).mask
+    inside = np.zeros_like(mask)
+    inside[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = True
+    return not (mask & ~inside).any()
 
 
 def summary_table(summary: PrepareSummary):
@@ -419,7 +448,7 @@ def preview(opts: PrepareConfig, count: int, sheet_path: Path) -> int:
 
     weights = parse_mask_types(opts.mask_types)
     _init_worker(opts.size, opts.landmarks, opts.upsample, opts.min_face, opts.detector, opts.alignment,
-                 opts.crop, weights, False)
+                 opts.crop, weights, opts.mask_variety, False)
     items = _source_items(opts)
     rng = np.random.default_rng(opts.seed)
     order = rng.permutation(len(items))
@@ -431,8 +460,9 @@ def preview(opts: PrepareConfig, count: int, sheet_path: Path) -> int:
         except BadInput:
             continue
         for face_index, face in enumerate(faces):
-            result = synthesize(face.image, face.landmarks, weights, _mask_rng(opts.seed, key, face_index, 0))
-            rows.append((face.image, result.masked, result.mask))
+            result = synthesize(face.image, face.landmarks, weights, _mask_rng(opts.seed, key, face_index, 0),
+                                opts.mask_variety)
+            rows.append((face.image if result.scene is None else result.scene, result.masked, result.mask))
         if len(rows) >= count:
             break
     if not rows:

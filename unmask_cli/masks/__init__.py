@@ -2,12 +2,17 @@
 
     from unmask_cli.masks import MASK_STYLES, parse_mask_types, synthesize, apply_style, MaskResult, preview_sheet
 
-``MASK_STYLES`` maps a style name ("rect", "oval", "surgical", "n95", "kn95", "cloth") to a function
-``(image_rgb_uint8, landmarks68, rng) -> MaskResult``. ``landmarks68`` are dlib's 68 iBUG points (x, y) in
+``MASK_STYLES`` maps a name to a function ``(image_rgb_uint8, landmarks68, rng, variety=False) ->
+MaskResult``: the mask designs (``MASK_DESIGNS``: "rect", "oval", "surgical", "n95", "kn95", "cloth"; with
+``variety`` their outline and look are varied at random, see :mod:`unmask_cli.masks.variety`), and three
+kinds of sample that are not one design: "freeform" (wide free-form holes filled with mask-like material),
+"bare" (no mask, an empty map) and "lookalike" (a beard, shadow, hand, scarf or microphone that is part of
+the scene: an empty map, and ``MaskResult.scene`` is the face to give back). ``landmarks68`` are dlib's 68 iBUG points (x, y) in
 the image's pixel coordinates; shapes are designed in units of the inter-ocular distance, so any image or
 face size works.
 
-Guarantees: ``MaskResult.masked`` equals the input outside ``MaskResult.mask`` (bool map, True = masked
+Guarantees (designs; free-form holes keep all but the coverage ones): ``MaskResult.masked`` equals the
+input outside ``MaskResult.mask`` (bool map, True = masked
 pixel; soft edges are blended inside the map only); the map covers the nose bottom (31-35), the mouth
 (48-67) and the chin (8), and the designs keep the nose tip (30) under it too, while eyes and brows stay
 clear; the input array is never modified; the same inputs and generator state give the same result.
@@ -30,11 +35,15 @@ import numpy as np
 from unmask_cli.errors import ConfigError
 from unmask_cli.masks.preview import preview_sheet
 from unmask_cli.masks.render import MaskResult
-from unmask_cli.masks.styles import DESIGNS, make_style
+from unmask_cli.masks.styles import DESIGNS, SAMPLE_KINDS, make_sample_kind, make_style
 
+MASK_DESIGNS: tuple[str, ...] = tuple(DESIGNS)  # the designed masks (the rest are not one mask design)
 MASK_STYLES: dict = {name: make_style(name) for name in DESIGNS}
+MASK_STYLES.update({name: make_sample_kind(name, fn) for name, fn in SAMPLE_KINDS.items()})
+# kinds whose map is empty: the face wears no mask (the map module learns to find nothing)
+NO_MASK_KINDS = ("bare", "lookalike")
 
-__all__ = ["MASK_STYLES", "MaskResult", "apply_style", "choose_style", "parse_mask_types", "preview_sheet",
+__all__ = ["MASK_DESIGNS", "MASK_STYLES", "NO_MASK_KINDS", "MaskResult", "apply_style", "choose_style", "parse_mask_types", "preview_sheet",
            "synthesize"]
 
 
@@ -95,12 +104,13 @@ def choose_style(weights: list[tuple[str, float]], rng: np.random.Generator) -> 
 
 
 def apply_style(style: str, image_rgb_uint8: np.ndarray, landmarks68: np.ndarray,
-                rng: np.random.Generator) -> MaskResult:
-    """Draw one mask of ``style``; the input array is never modified."""
-    return MASK_STYLES[_check_name(style)](image_rgb_uint8, landmarks68, rng)
+                rng: np.random.Generator, variety: bool = False) -> MaskResult:
+    """Draw one mask of ``style`` (``variety``: with a varied outline and look); the input array is
+    never modified."""
+    return MASK_STYLES[_check_name(style)](image_rgb_uint8, landmarks68, rng, variety)
 
 
 def synthesize(image_rgb_uint8: np.ndarray, landmarks68: np.ndarray, weights: list[tuple[str, float]],
-               rng: np.random.Generator) -> MaskResult:
+               rng: np.random.Generator, variety: bool = False) -> MaskResult:
     """Pick a style by weight (with ``rng``), then draw it (with the same ``rng``)."""
-    return apply_style(choose_style(weights, rng), image_rgb_uint8, landmarks68, rng)
+    return apply_style(choose_style(weights, rng), image_rgb_uint8, landmarks68, rng, variety)

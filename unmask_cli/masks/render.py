@@ -39,6 +39,9 @@ class MaskResult:
     mask: np.ndarray  # bool (H, W), True = masked pixel
     style: str
     params: dict = field(default_factory=dict)  # JSON-serialisable description of the mask
+    # the face the model should give back; None = the input image. A look-alike (a beard, a hand) is part
+    # of the scene, so its scene is the altered image and its map is empty.
+    scene: np.ndarray | None = None
 
 
 @dataclass

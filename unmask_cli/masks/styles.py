@@ -40,6 +40,7 @@ from unmask_cli.masks.geometry import (
     quad_bezier,
 )
 from unmask_cli.masks.render import Design, MaskResult, Strap, Surface, check_image, render
+from unmask_cli.masks.variety import bare, freeform, lookalike, restyle, vary_design
 
 LOOP_WHITE = np.array(COLOURS["white"], dtype=np.float64) / 255.0
 DARK_COLOURS = {"black", "navy", "charcoal", "burgundy", "teal", "olive", "red"}
@@ -634,19 +635,46 @@ DESIGNS = {
     "kn95": design_kn95,
     "cloth": design_cloth,
 }
+# Samples that are not one designed mask: wide free-form holes (for G), and faces with nothing to remove.
+SAMPLE_KINDS = {"freeform": freeform, "bare": bare, "lookalike": lookalike}
 
 
 def make_style(name: str):
     design_fn = DESIGNS[name]
 
-    def style(image: np.ndarray, landmarks68: np.ndarray, rng: np.random.Generator) -> MaskResult:
+    def style(image: np.ndarray, landmarks68: np.ndarray, rng: np.random.Generator,
+              variety: bool = False) -> MaskResult:
         check_image(image)
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
-                            f"got {type(rng).__name__}")
+        check_rng(rng)
         frame = FaceFrame(landmarks68)
-        return render(name, image, landmarks68, frame, design_fn(frame, rng), rng)
+        design = design_fn(frame, rng)
+        if not variety:
+            return render(name, image, landmarks68, frame, design, rng)
+        result = render(name, image, landmarks68, frame, vary_design(design, frame, rng), rng)
+        return restyle(result, image, frame, rng)
 
     style.__name__ = f"mask_{name}"
-    style.__doc__ = f"Draw a '{name}' mask fitted to the landmarks; see unmask_cli.masks."
+    style.__doc__ = f"Draw a '{name}' mask fitted to the landmarks (``variety``: a varied outline and look, " \
+                    "see unmask_cli.masks.variety); see unmask_cli.masks."
     return style
+
+
+def check_rng(rng) -> None:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+
+
+def make_sample_kind(name: str, fn):
+    """A registry entry for the samples that are not one designed mask (free-form holes, bare faces,
+    look-alikes): the same call as a style; ``variety`` does not apply to them."""
+
+    def kind(image: np.ndarray, landmarks68: np.ndarray, rng: np.random.Generator,
+             variety: bool = False) -> MaskResult:
+        check_image(image)
+        check_rng(rng)
+        return fn(image, landmarks68, rng)
+
+    kind.__name__ = f"mask_{name}"
+    kind.__doc__ = fn.__doc__
+    return kind
