@@ -628,3 +628,37 @@ def test_unmasker_uses_the_shared_device_policy():
     out, used = net(images, maps)
     assert out.dtype == np.uint8 and out.shape == images.shape and np.array_equal(used, maps)
     assert np.array_equal(out[~maps], images[~maps])  # the input outside the map, exactly
+
+
+def test_mask_decision_drops_specks_and_faces_without_a_mask():
+    """A face wears a mask when its predicted map, without specks, covers min_mask_area of the crop."""
+    import cv2
+
+    from unmask_cli.inference import mask_decision
+
+    size, area = 64, 0.04
+    mask = np.zeros((size, size), bool)
+    cv2.ellipse(mask.view(np.uint8), (32, 44), (18, 12), 0, 0, 360, 1, -1)  # ~16 % of the crop: a mask
+    specks = mask.copy()
+    specks[2:4, 2:4] = specks[60:62, 5:7] = True  # stray pixels elsewhere
+    assert np.array_equal(mask_decision(specks, area), mask)
+    small = np.zeros_like(mask)
+    small[30:36, 30:36] = True  # < 4 % of the crop: no mask, the map is emptied
+    assert not mask_decision(small, area).any()
+    assert np.array_equal(mask_decision(small, 0.0), small)  # 0 turns the decision off
+    assert not mask_decision(np.zeros_like(mask), area).any()
+
+
+def test_a_face_judged_without_a_mask_is_left_bit_identical(tmp_path, ckpts, astronaut):
+    """The map module finds nothing on the face: it counts as without a mask and the photo is copied."""
+    from rich.console import Console
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "bare.png", astronaut)
+    summary = run_infer(_cfg(ckpts["map_none"], device="cpu"), inp, tmp_path / "out")
+    assert summary.faces == 0 and summary.faces_empty_map == 1 and summary.unchanged == 1
+    assert (tmp_path / "out" / "bare.png").read_bytes() == (inp / "bare.png").read_bytes()
+    console = Console(record=True, width=200)
+    console.print(summary_table(summary))
+    assert "faces without a mask (left untouched)" in console.export_text()

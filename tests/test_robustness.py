@@ -646,6 +646,33 @@ def test_bad_checkpoint_train_resume(cli, ckpts, prepared, tmp_path, case):
     assert not list(tmp_path.rglob("runs/**/*.pt")) and not list(tmp_path.rglob("runs/**/*.unmask-tmp-*"))
 
 
+TRAIN_INIT = {
+    # checkpoint given as train.init, extra --set, expected message
+    "truncated": ("truncated", [], "cannot load checkpoint: truncated or corrupt file"),
+    "empty": ("empty", [], "checkpoint is empty (0 bytes)"),
+    "not a checkpoint": ("text", [], "not a PyTorch file"),
+    "another width": ("plain", ["--set", "model.ngf=16"], "checkpoint is for another network/size"),
+    "weights of another model": ("other_model", [], "checkpoint does not match the network 'G'"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_INIT))
+def test_bad_train_init_is_one_line(cli, ckpts, prepared, tmp_path, case):
+    kind, extra, message = TRAIN_INIT[case]
+    line = cli("train", "-c", QUICK, "--data", prepared[1], "--runs", tmp_path / "runs", "--name", "r",
+               "--device", "cpu", *TINY_NETS, "--set", f"train.init={ckpts[kind]}", *extra).error_line()
+    assert line.startswith(f"error: {ckpts[kind]}: ") and message in line
+    assert not list(tmp_path.rglob("runs/**/*.pt"))
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_bad_min_mask_area_is_one_line_exit_2(cli, tmp_path, value):
+    (tmp_path / "in").mkdir()
+    line = cli("infer", tmp_path / "in", tmp_path / "out", "--min-mask-area", value).error_line(code=2)
+    assert "min-mask-area" in line or "min_mask_area" in line
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------- untrusted files
 
 @pytest.mark.parametrize("how", ["torch", "pickle"])

@@ -600,3 +600,35 @@ def test_training_from_the_decoded_cache_equals_training_from_pngs(tmp_path):
     train(cfg_with(*overrides, "data.cache=true"), tmp_path / "cache", data_root, device_spec="cpu", console=quiet())
     assert list((data_root / "cache").glob("*.npy"))
     assert_bitwise_equal(weights(tmp_path / "png" / "last.pt"), weights(tmp_path / "cache" / "last.pt"))
+
+
+def test_init_starts_a_new_run_from_another_checkpoints_weights(tmp_path, data_root):
+    """train.init: the networks start as the given checkpoint's (release files too), the step count and
+    optimizers fresh; another architecture is a one-line error; a resumed run ignores it."""
+    from unmask_cli.export import export_release
+
+    first = tmp_path / "runs" / "first"
+    train(cfg_with("train.epochs=1"), first, data_root, device_spec="cpu", console=quiet())
+    release, _ = export_release(first / "last.pt", tmp_path / "first-release.pt")
+    seen = {}
+
+    class Watch(TrainHooks):
+        def step_started(self, trainer):
+            seen.setdefault("G", {k: v.clone() for k, v in trainer.state.nets["G"].state_dict().items()})
+            seen.setdefault("step", trainer.state.global_step)
+
+    for source in (first / "last.pt", release):
+        seen.clear()
+        run = tmp_path / "runs" / f"from_{source.stem}"
+        summary = train(cfg_with("train.epochs=1", f"train.init={source}"), run, data_root, device_spec="cpu",
+                        console=quiet(), hooks=Watch())
+        assert summary.status == "completed" and seen["step"] == 0 and summary.global_step == 3
+        start = Checkpoint.load(source).networks["G"]
+        assert all(torch.allclose(seen["G"][k].float(), start[k].float(), atol=1e-3) for k in start)
+
+    with pytest.raises(UnmaskError, match="another network/size"):
+        train(cfg_with("train.epochs=1", "model.ngf=16", f"train.init={release}"), tmp_path / "runs" / "wide",
+              data_root, device_spec="cpu", console=quiet())
+    with pytest.raises(UnmaskError, match="train.init: checkpoint not found"):
+        train(cfg_with("train.epochs=1", f"train.init={tmp_path / 'nope.pt'}"), tmp_path / "runs" / "none",
+              data_root, device_spec="cpu", console=quiet())

@@ -73,7 +73,8 @@ def prepare(
     size: Annotated[int | None, typer.Option(help="Aligned crop size in pixels." + _default("prepare.size"))] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes." + _default("prepare.workers"))] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for masks and the split." + _default("prepare.seed"))] = None,
-    mask_types: Annotated[str | None, typer.Option(help="Mask styles with optional weights, e.g. 'surgical:3,cloth:2,rect'." + _default("prepare.mask_types"))] = None,
+    mask_types: Annotated[str | None, typer.Option(help="Mask styles with optional weights, e.g. 'surgical:3,cloth:2,rect'; also 'freeform' (wide free-form holes), 'bare' (no mask: an empty map) and 'lookalike' (a beard, shadow, hand, scarf or microphone: no mask)." + _default("prepare.mask_types"))] = None,
+    mask_variety: Annotated[bool | None, typer.Option("--mask-variety/--designed-masks", help="Vary every style's outline (grown, shrunk, onto the neck, up to the nose bridge, past the jaw, tilted, loose) and look (any colour, prints, logos, folds, highlights, shadows, sheer and mesh parts), or draw the designs as they are." + _default("prepare.mask_variety"), show_default=False)] = None,
     all_faces: Annotated[bool | None, typer.Option("--all-faces/--largest-face", help="Use every detected face, or only the largest." + _default("prepare.all_faces"), show_default=False)] = None,
     recursive: Annotated[bool | None, typer.Option("--recursive/--no-recursive", help="Also read photos in sub-folders of --source." + _default("prepare.recursive"), show_default=False)] = None,
     landmarks: Annotated[Path | None, typer.Option(help="dlib 68-landmark model file; none = from face-recognition-models, or $UNMASK_LANDMARKS." + _default("prepare.landmarks"))] = None,
@@ -93,6 +94,7 @@ def prepare(
 
     options = {"prepare.source": source, "data.root": out, "prepare.num_samples": num_samples, "prepare.size": size,
                "prepare.workers": workers, "prepare.seed": seed, "prepare.mask_types": mask_types,
+               "prepare.mask_variety": mask_variety,
                "prepare.all_faces": all_faces, "prepare.recursive": recursive, "prepare.landmarks": landmarks,
                "prepare.detector": detector, "prepare.alignment": alignment,
                "prepare.crop": crop}
@@ -180,6 +182,7 @@ def infer(
     masks: Annotated[Path | None, typer.Option(help="Folder of mask maps with the same file stems; none = the map module predicts them." + _default("infer.masks"))] = None,
     aligned: Annotated[bool | None, typer.Option("--aligned/--photos", help="Inputs are aligned face crops (no detection, no paste-back), or whole photos." + _default("infer.aligned"), show_default=False)] = None,
     threshold: Annotated[float | None, typer.Option(help="Map-module threshold for predicted masks." + _default("infer.threshold"))] = None,
+    min_mask_area: Annotated[float | None, typer.Option(help="A face wears a mask when its predicted map covers at least this share of its crop; other faces are left untouched." + _default("infer.min_mask_area"))] = None,
     save_masks: Annotated[bool | None, typer.Option("--save-masks/--no-save-masks", help="Write the masks used to OUT_DIR/masks/." + _default("infer.save_masks"), show_default=False)] = None,
     compare: Annotated[bool | None, typer.Option("--compare/--no-compare", help="Also write input | output pairs to OUT_DIR/compare/." + _default("infer.compare"), show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Faces per batch." + _default("infer.batch_size"))] = None,
@@ -199,7 +202,7 @@ def infer(
     from unmask_cli.inference import run_infer, summary_table
 
     options = {"infer.checkpoint": checkpoint, "infer.masks": masks, "infer.aligned": aligned,
-               "infer.threshold": threshold, "infer.save_masks": save_masks, "infer.compare": compare,
+               "infer.threshold": threshold, "infer.min_mask_area": min_mask_area, "infer.save_masks": save_masks, "infer.compare": compare,
                "infer.batch_size": batch_size, "infer.device": device, "infer.all_faces": all_faces,
                "infer.landmarks": landmarks, "infer.detector": detector, "infer.overwrite": overwrite,
                "infer.fold_bn": fold_bn}
@@ -222,7 +225,7 @@ def export(
 
     Run it with [bold]unmask infer IN OUT --checkpoint NAME.pt[/] (NAME.json must stay beside it). The shipped model was made this way.
     """
-    from unmask_cli.release import export_release
+    from unmask_cli.export import export_release
 
     path, sidecar = export_release(checkpoint, out, data=data, metrics=metrics, ema=ema, about=about)
     console.print(f"release file [bold]{path}[/] ({sidecar['bytes'] / 1e6:.1f} MB, {sidecar['image_size']} px, "

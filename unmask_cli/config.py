@@ -42,7 +42,9 @@ class PrepareConfig:
     num_samples: int | None = None  # None = 10000 from a source, BUILTIN_SAMPLES from the built-in portraits
     size: int = 256  # aligned crop size
     workers: int = 1  # worker processes
-    mask_types: str = "rect,oval"  # comma list, optional weights: "surgical:3,cloth:2"
+    mask_types: str = "rect,oval"  # comma list, optional weights: "surgical:3,cloth:2,freeform,bare"
+    # every style's outline and look varied at random (unmask_cli.masks.variety); off = the designs as drawn
+    mask_variety: bool = False
     all_faces: bool = False  # every detected face instead of the largest
     min_face: int = 32  # smallest usable face box (px, in the source photo)
     upsample: int = 1  # dlib detector upsampling (hog, cnn)
@@ -125,6 +127,10 @@ class TrainConfig:
     # Steps before the average starts (it starts as a copy of G); until then G itself is validated and saved
     # for eval. Short runs set it late: an average over the fast early steps is a poor network.
     ema_start: int = 0
+    # Start G, M and the discriminators present in this checkpoint or release file from its weights (the same
+    # architecture; optimizers, step count and EMA start fresh): fine-tuning on new data or another framing.
+    # Only for a new run: a resumed run continues from its own checkpoint.
+    init: str | None = None
 
 
 @dataclass
@@ -152,6 +158,9 @@ class InferConfig:
     masks: str | None = None  # folder of mask maps with the photos' file stems; None = the map module predicts them
     aligned: bool = False  # inputs are aligned crops: no detection, no paste-back
     threshold: float = 0.5  # map-module threshold for predicted masks
+    # a face counts as masked when its predicted map covers at least this share of its crop (after specks
+    # below a tenth of it are dropped); below it the face is left untouched, bit for bit
+    min_mask_area: float = 0.04
     save_masks: bool = False  # write the masks used to OUT_DIR/masks/
     compare: bool = False  # also write input | output pairs to OUT_DIR/compare/
     batch_size: int = 8  # faces per batch
@@ -267,6 +276,7 @@ def _validate(cfg: Config, where: str) -> None:
         (cfg.eval.max_images >= 0 and cfg.eval.sheet_images >= 0, "eval.max_images and eval.sheet_images must be >= 0"),
         (cfg.infer.batch_size >= 1, "infer.batch_size must be >= 1"),
         (0 < cfg.infer.threshold < 1, "infer.threshold must be in (0, 1)"),
+        (0 <= cfg.infer.min_mask_area < 1, "infer.min_mask_area must be in [0, 1)"),
         (cfg.infer.detector in DETECTORS, f"infer.detector must be one of {', '.join(DETECTORS)}"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.save_interval >= 1, "train.save_interval must be >= 1"),

@@ -8,8 +8,9 @@ Pipeline per input file:
   was aligned (``visible``: from the eyes of the upper face; ``ffhq``: eyes and mouth) at the face's own
   resolution (crop side = the alignment square measured in photo pixels, clamped to [model size, 1024]),
   shrink the crop to the model size, get the map (the
-  ``--masks`` map warped into the crop with nearest neighbour, or the map module's prediction), run the
-  editing module, take the generated pixels only inside the map (scaled back to the crop resolution) and
+  ``--masks`` map warped into the crop with nearest neighbour, or the map module's prediction, decided per
+  face by :func:`mask_decision`: specks dropped, and a face whose map covers less than
+  ``infer.min_mask_area`` of its crop wears no mask and is left untouched), run the editing module, take the generated pixels only inside the map (scaled back to the crop resolution) and
   paste the crop back with ``faces.paste_back`` (feathered blend limited to the dilated map). Pixels the
   blend does not reach are returned untouched.
 * aligned crops (``aligned=True``): the file itself is the crop; the map is read at (or predicted and
@@ -25,8 +26,9 @@ Outputs keep the input's name, size and format: PNG lossless (a PNG with transpa
 channel, and its original RGB wherever nothing was edited), JPEG/WebP re-encoded at quality 95 (so
 untouched pixels of a JPEG change by the re-encoding only), BMP/TIFF/PPM as is, PGM as grey. Photos are
 read with EXIF orientation applied and written upright without EXIF; ``--masks`` maps must match the
-photo as displayed. A photo without a usable face (or whose faces all have an empty map) is copied byte
-for byte.
+photo as displayed. A photo without a usable face (or whose faces all wear no mask) is copied byte for
+byte; in a group photo each face is judged on its own, and the paste-back reaches only the masked faces'
+maps (feathered), so every other pixel of a lossless output is unchanged.
 
 Faces of several photos are batched together (``batch_size`` crops per forward pass); photos are held
 in memory only until their last face is done. Every output is written atomically; a rerun skips
@@ -96,9 +98,9 @@ class InferSummary:
     processed: int = 0  # outputs written with at least one face unmasked
     faces: int = 0  # faces unmasked
     faces_from_maps: int = 0  # masked faces the detector missed, located from the --masks map
-    faces_empty_map: int = 0  # faces found whose map was empty (left as they are)
+    faces_empty_map: int = 0  # faces without a mask (an empty map, or a predicted one below min_mask_area): untouched
     no_face: int = 0  # photos without a usable face: copied through byte for byte
-    unchanged: int = 0  # photos/crops with faces but an empty map everywhere: copied through
+    unchanged: int = 0  # photos/crops with faces but none wearing a mask: copied through
     already_done: int = 0  # outputs that existed (resumed run), not redone
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     skipped_files: list[tuple[str, str, str]] = field(default_factory=list)  # (file, reason, message)
@@ -147,11 +149,12 @@ class Unmasker:
     """G (and M) prepared for fast batched inference under one :class:`DeviceSetup`."""
 
     def __init__(self, G: nn.Module, M: nn.Module | None, image_size: int, setup: DeviceSetup,
-                 threshold: float = 0.5, fold_bn: bool = True):
+                 threshold: float = 0.5, fold_bn: bool = True, min_mask_area: float = 0.0):
         self.setup = setup
         self.device = setup.device
         self.image_size = image_size
         self.threshold = threshold
+        self.min_mask_area = min_mask_area
         self.folded = fold_bn
         prep = fold_batchnorm if fold_bn else (lambda n: copy.deepcopy(n).eval())
         self.G = setup.module(prep(G)).eval()
@@ -179,13 +182,31 @@ class Unmasker:
         with torch.inference_mode(), self.setup.autocast():
             x = self._images(images)
             if maps is None:
-                m = predict_map(self.M, x, self.threshold).float()
+                predicted = predict_map(self.M, x, self.threshold)[:, 0].cpu().numpy() > 0.5
+                cleaned = np.stack([mask_decision(p, self.min_mask_area) for p in predicted])
+                m = self.setup.batch(torch.from_numpy(cleaned[:, None].astype(np.float32)))
             else:
                 m = self.setup.batch(torch.from_numpy(maps[:, None].astype(np.float32)))
             generated = self.G(generator_input(x, m)).float()
             out = to_uint8(composite(x, m, generated))
             maps_np = (m[:, 0] > 0.5).cpu().numpy()
         return out, maps_np
+
+
+def mask_decision(predicted: np.ndarray, min_area: float) -> np.ndarray:
+    """Does this face wear a mask? ``predicted`` (S, S) bool map of the map module. Specks (connected parts
+    below a tenth of ``min_area`` of the crop) are dropped; when what is left covers less than ``min_area``
+    of the crop the face wears no mask and the map is empty (the face is then left untouched)."""
+    import cv2
+
+    if min_area <= 0 or not predicted.any():
+        return predicted
+    total = predicted.size
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(predicted.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= 0.1 * min_area * total
+    cleaned = keep[labels]
+    return cleaned if cleaned.sum() >= min_area * total else np.zeros_like(predicted)
 
 
 # ----------------------------------------------------------------------------------------- image helpers
@@ -439,7 +460,7 @@ class InferJob:
                               "--masks DIR with one mask map per image", checkpoint)
         self.size = model.image_size
         self.net = Unmasker(model.G, model.M if self.masks is None else None, self.size, setup,
-                            self.cfg.threshold, self.cfg.fold_bn)
+                            self.cfg.threshold, self.cfg.fold_bn, self.cfg.min_mask_area)
         return model
 
     def _prepare_outputs(self) -> None:
@@ -652,7 +673,7 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
         if summary.faces_from_maps:
             table.add_row("  located from the mask map", str(summary.faces_from_maps))
         if summary.faces_empty_map:
-            table.add_row("faces with an empty map (left as is)", str(summary.faces_empty_map))
+            table.add_row("faces without a mask (left untouched)", str(summary.faces_empty_map))
         if summary.no_face:
             table.add_row("[yellow]no face: copied[/]", f"[yellow]{summary.no_face}[/]")
             for name, reason in summary.no_face_files[:max_listed]:
@@ -666,7 +687,7 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
                               + "pass --masks DIR (faces are then also located from the maps) or use --aligned "
                               "crops[/]")
     if summary.unchanged:
-        table.add_row("empty map: copied", str(summary.unchanged))
+        table.add_row("no masked face: copied", str(summary.unchanged))
     if summary.already_done:
         table.add_row("already done (skipped)", str(summary.already_done))
     for reason, count in sorted(summary.skipped.items()):

@@ -278,6 +278,23 @@ def restore_state(state: TrainState, ckpt: Checkpoint, path: Path, say=lambda te
         say(f"note: the checkpoint was trained with {ckpt.vgg}; now {state.vgg}")
 
 
+def init_weights(state: TrainState, path: Path) -> str:
+    """``train.init``: load the weights of every network ``path`` has into the fresh ``state`` (a training
+    checkpoint or a release file of the same architecture); returns a line saying what was loaded."""
+    if not path.is_file():
+        raise UnmaskError("train.init: checkpoint not found", path)
+    ckpt = Checkpoint.load(path)
+    check_compatible(ckpt, state.cfg, path)
+    loaded = [name for name in state.nets if name in ckpt.networks]
+    if "G" not in loaded:
+        raise UnmaskError("train.init: the checkpoint has no generator weights", path)
+    for name in loaded:
+        load_state(state.nets[name], ckpt.networks[name], name, path)
+    fresh = [name for name in state.nets if name not in loaded]
+    return (f"initialised {', '.join(loaded)} from {path} (step {ckpt.global_step} there)"
+            + (f"; {', '.join(fresh)} start from scratch" if fresh else ""))
+
+
 def checkpoint_of(state: TrainState, epochs_done: int, samples_done: int, stats: dict,
                   framing: tuple[str, float], dev: DeviceSetup, world: int = 1) -> Checkpoint:
     """``framing``: the (alignment, crop) of the training faces (:func:`unmask_cli.data.dataset_framing`)."""
@@ -384,25 +401,26 @@ def _restore_ema(state: TrainState, ckpt: Checkpoint, path: Path, say) -> None:
 @torch.no_grad()
 def validate(G: nn.Module, M: nn.Module | None, loader: DataLoader | None, dev: DeviceSetup,
              dist: Distributed | None = None) -> dict[str, float]:
-    """Mean PSNR/SSIM of the composite vs the original (whole image, [0,1]) and mean IoU of the map module,
-    over every process's share of the validation split."""
+    """Mean PSNR/SSIM of the composite vs the original (whole image, [0,1]) over the faces that have a mask
+    to fill, and mean IoU of the map module over every face (a face without a mask scores 1 when nothing
+    is predicted, else 0), over every process's share of the validation split."""
     if loader is None:
         return {}
     nets = [net for net in (G, M) if net is not None]
     for net in nets:
         net.eval()
     try:
-        sums = [0.0, 0.0, 0.0, 0.0]  # psnr, ssim, iou, images
+        sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # psnr, ssim (masked faces), iou (all), images, masked faces
         for batch in loader:
             for i, value in enumerate(_validation_sums(G, M, _check_batch(batch), dev)):
                 sums[i] += value
     finally:
         for net in nets:
             net.train()
-    psnr_sum, ssim_sum, iou_sum, n = (dist or Distributed()).sum(sums)
+    psnr_sum, ssim_sum, iou_sum, n, n_masked = (dist or Distributed()).sum(sums)
     if n == 0:
         return {}
-    out = {"val_psnr": psnr_sum / n, "val_ssim": ssim_sum / n}
+    out = {"val_psnr": psnr_sum / n_masked, "val_ssim": ssim_sum / n_masked} if n_masked else {}
     if M is not None:
         out["val_iou"] = iou_sum / n
     return out
@@ -417,6 +435,7 @@ def _validation_sums(G: nn.Module, M: nn.Module | None, batch: dict, dev: Device
         generated = G(generator_input(masked, mask))
     out = to_unit(composite(masked, mask, generated.float())).clamp(0, 1).float()
     ref = to_unit(original).clamp(0, 1).float()
+    has_mask = mask.flatten(1).amax(1) > 0.5  # faces without a mask (bare, look-alikes) have nothing to fill
     iou_sum = 0.0
     if M is not None:
         with dev.autocast():
@@ -425,7 +444,8 @@ def _validation_sums(G: nn.Module, M: nn.Module | None, batch: dict, dev: Device
         inter = (pred & truth).flatten(1).sum(1).double()
         union = (pred | truth).flatten(1).sum(1).double()
         iou_sum = float(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).sum())
-    return [float(psnr(out, ref).sum()), float(ssim(out, ref).sum()), iou_sum, float(masked.shape[0])]
+    return [float(psnr(out, ref)[has_mask].sum()), float(ssim(out, ref)[has_mask].sum()), iou_sum,
+            float(masked.shape[0]), float(has_mask.sum())]
 
 
 @torch.no_grad()
@@ -630,6 +650,8 @@ class Trainer:
         if ckpt is not None:
             restore_state(self.state, ckpt, ckpt_path, lambda text: self.say(text, "yellow"))
             self.state.samples = min(self.state.samples, self.samples_per_epoch)  # batch size or max_steps changed
+        elif self.cfg.train.init is not None:
+            self.say(init_weights(self.state, Path(self.cfg.train.init)))
         self._write_run_files(ckpt, ckpt_path)
         del ckpt
         self._announce_start(ckpt_path)
