@@ -10,6 +10,10 @@ Per face that infer found (the same detector, alignment and crop, re-run here fo
 * repainted: pixels the output changed by more than --changed levels (any channel).
 * removed: at least --cover of the lower face repainted, and at most --outside of the repainted pixels
   outside the face (the landmark hull widened by 15% of the face size).
+* judged "no mask": less than --untouched of the lower face repainted (infer left the face alone).
+* lower edge left: on removed faces, the share of the lower face's bottom band (the strip along the jaw
+  line below the mouth, a tenth of the face's height wide, where a mask's bottom edge lies) that was not
+  repainted: a mask whose bottom edge stays leaves this band.
 
 Prints the share of faces removed and of photos with at least one face removed, and writes
 WORK/sheet.png: 48 photos (input | output, a green outline where a face counted as removed, red where not)
@@ -43,8 +47,20 @@ def face_region(landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cv2.dilate(region, np.ones((size, size), np.uint8)).astype(bool)
 
 
+def bottom_band(landmarks: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """The strip of the lower face along the jaw line below the mouth, a tenth of the face height wide."""
+    import cv2
+
+    height = max(2.0, float(np.ptp(landmarks[:, 1])))
+    width = max(3, int(round(0.1 * height)))
+    inner = cv2.erode(lower.astype(np.uint8), np.ones((2 * width + 1,) * 2, np.uint8)).astype(bool)
+    band = lower & ~inner
+    band[: int(round(landmarks[57, 1])) + 1] = False
+    return band
+
+
 def score_face(changed: np.ndarray, landmarks: np.ndarray, others: np.ndarray, args) -> dict:
-    """Coverage of the lower face and the share of paint outside every face of the photo."""
+    """Coverage of the lower face, the share of paint outside every face of the photo, the bottom band."""
     import cv2
 
     lower = np.zeros(changed.shape, np.uint8)
@@ -54,7 +70,10 @@ def score_face(changed: np.ndarray, landmarks: np.ndarray, others: np.ndarray, a
     cover = float(changed[lower].mean()) if lower.any() else 0.0
     painted_near = changed & mine
     outside = float((changed & ~others).sum() / max(1, painted_near.sum() + (changed & ~others).sum()))
-    return {"cover": cover, "outside": outside, "removed": cover >= args.cover and outside <= args.outside}
+    band = bottom_band(landmarks, lower)
+    edge_left = float(1.0 - changed[band].mean()) if band.any() else 0.0
+    return {"cover": cover, "outside": outside, "removed": cover >= args.cover and outside <= args.outside,
+            "no_mask": cover < args.untouched, "edge_left": edge_left}
 
 
 def score_photo(photo: np.ndarray, output: np.ndarray, faces: list, args) -> list[dict]:
@@ -109,6 +128,8 @@ def main() -> None:
     parser.add_argument("--changed", type=int, default=12, help="levels a pixel must change to count as repainted")
     parser.add_argument("--cover", type=float, default=0.6)
     parser.add_argument("--outside", type=float, default=0.25)
+    parser.add_argument("--untouched", type=float, default=0.05, help="below this share of the lower face "
+                        "repainted, a face counts as judged 'no mask'")
     parser.add_argument("--sheet", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -129,8 +150,8 @@ def main() -> None:
     model = build_networks_from_checkpoint(checkpoint)
     finder = _aligner(None, "yunet", model.alignment, model.crop)
 
-    faces_total = removed = photos_removed = photos_with_face = 0
-    rows, covers = [], []
+    faces_total = removed = photos_removed = photos_with_face = no_mask = 0
+    rows, covers, edges = [], [], []
     for path in list_files(source):
         try:
             photo = read_image(path)
@@ -147,6 +168,8 @@ def main() -> None:
         removed += hits
         photos_removed += hits > 0
         covers += [s["cover"] for s in scores]
+        no_mask += sum(s["no_mask"] for s in scores)
+        edges += [s["edge_left"] for s in scores if s["removed"]]
         rows.append((photo, output, found, scores))
     photos = summary.files
     result = {
@@ -154,8 +177,13 @@ def main() -> None:
         "faces": faces_total, "faces_removed": removed, "share_faces_removed": removed / max(1, faces_total),
         "photos_with_a_face_removed": photos_removed, "share_photos_removed": photos_removed / max(1, photos),
         "median_lower_face_cover": float(np.median(covers)) if covers else 0.0,
+        "faces_judged_no_mask": no_mask, "share_faces_judged_no_mask": no_mask / max(1, faces_total),
+        "lower_edge_left_mean": float(np.mean(edges)) if edges else 0.0,
+        "lower_edge_left_median": float(np.median(edges)) if edges else 0.0,
+        "removed_with_edge_left_over_half": int(sum(e > 0.5 for e in edges)),
         "infer_seconds": seconds, "photos_per_second": photos / seconds,
-        "criteria": {"changed_levels": args.changed, "cover": args.cover, "outside": args.outside},
+        "criteria": {"changed_levels": args.changed, "cover": args.cover, "outside": args.outside,
+                     "untouched": args.untouched},
     }
     print(json.dumps(result, indent=1))
     rng = np.random.default_rng(args.seed)
