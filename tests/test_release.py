@@ -49,7 +49,7 @@ def test_export_packs_fp16_ema_weights_with_a_verified_sidecar(tmp_path):
     assert sidecar["sha256"] == sha256_file(out) and sidecar["bytes"] == out.stat().st_size
     assert json.loads((tmp_path / "mine.json").read_text())["sha256"] == sidecar["sha256"]
     assert sidecar["crop"] == 0.7 and sidecar["alignment"] == "visible" and sidecar["global_step"] == 30
-    assert "non-commercial" in sidecar["licence"] and sidecar["weights"].startswith("EMA of G")
+    assert sidecar["licence"].startswith("not recorded") and sidecar["weights"].startswith("EMA of G")
     packed = Checkpoint.load(out)
     assert set(packed.networks) == {"G", "M"} and not packed.optimizers and packed.ema is None
     assert all(v.dtype == torch.float16 for v in packed.networks["G"].values() if v.is_floating_point())
@@ -78,6 +78,67 @@ def test_a_release_whose_bytes_or_sidecar_are_wrong_is_refused(tmp_path):
         Checkpoint.load(tmp_path / "lonely.pt")
     with pytest.raises(UnmaskError, match="must end in .pt"):
         export_release(tmp_path / "best.pt", tmp_path / "mine.bin")
+
+
+def test_export_never_destroys_a_file(tmp_path):
+    """Not the checkpoint itself (by name or through a link), not an existing pair without --overwrite;
+    missing folders are created, and a missing --data folder is an error, not a silent omission."""
+    source = _checkpoint(tmp_path / "best.pt")
+    before = source.read_bytes()
+    (tmp_path / "link.pt").symlink_to(source)
+    for out in (source, tmp_path / "." / "best.pt", tmp_path / "link.pt"):
+        with pytest.raises(UnmaskError, match="is the checkpoint being exported"):
+            export_release(source, out)
+    assert source.read_bytes() == before and not (tmp_path / "best.json").exists()
+    out, first = export_release(source, tmp_path / "new" / "folder" / "mine.pt")
+    with pytest.raises(UnmaskError, match="already exists; pass --overwrite"):
+        export_release(source, out)
+    assert sha256_file(out) == first["sha256"]
+    _, second = export_release(source, out, overwrite=True, about="again")
+    assert second["data"]["about"] == "again" and verify_release(out)["sha256"] == second["sha256"]
+    with pytest.raises(UnmaskError, match="--data: prepared data folder not found"):
+        export_release(source, tmp_path / "other.pt", data=tmp_path / "no such data")
+    assert not [p for p in tmp_path.rglob("*") if "unmask-tmp" in p.name]
+
+
+def test_export_licence_follows_the_data_and_no_machine_path_is_recorded(tmp_path):
+    source = _checkpoint(tmp_path / "best.pt")
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "prepare.json").write_text(json.dumps({"settings": {"source": "builtin", "crop": 0.7}}))
+    (data / "manifest.jsonl").write_text("")
+    _, sidecar = export_release(source, tmp_path / "a.pt", data=data)
+    assert sidecar["licence"].startswith("trained on public-domain photos")
+    (data / "prepare.json").write_text(json.dumps({"settings": {"source": str(tmp_path / "utkface_all")}}))
+    _, sidecar = export_release(source, tmp_path / "b.pt", data=data, licence="CC0, my own photos")
+    assert sidecar["licence"] == "CC0, my own photos"
+    text = (tmp_path / "b.json").read_text()
+    assert str(tmp_path) not in text and "/tmp" not in text and sidecar["source"] == "best.pt"
+    assert sidecar["data"]["settings"]["source"] == "utkface_all"
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_previous_release(tmp_path):
+    """A file-size limit (as a full disk would) during the write: one line naming the file, the old pair
+    intact, no temporary file left."""
+    import resource
+    import subprocess
+    import sys
+
+    source = _checkpoint(tmp_path / "best.pt")
+    out, first = export_release(source, tmp_path / "mine.pt")
+    limit = out.stat().st_size // 3
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cmd = [sys.executable, "-m", "unmask_cli", "export", "--checkpoint", str(source), "--out", str(out),
+           "--overwrite"]
+    run = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert run.returncode == 1 and len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"error: {out}: cannot write checkpoint"), lines[0]
+    assert verify_release(out)["sha256"] == first["sha256"]
+    assert not [p for p in tmp_path.iterdir() if "unmask-tmp" in p.name]
 
 
 # ------------------------------------------------------------------------------------- the shipped model

@@ -71,8 +71,12 @@ class Checkpoint:
         payload = {"format": FORMAT, "version": VERSION,
                    **{f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
                       or f.name in ("best_psnr", "best_epoch")}}
-        with atomic_output(path, fsync=True, what="cannot write checkpoint") as handle:
-            torch.save(payload, handle)
+        try:
+            with atomic_output(path, fsync=True, what="cannot write checkpoint") as handle:
+                torch.save(payload, handle)
+        except RuntimeError as err:  # torch's zip writer reports a failed write (full disk, size limit) so
+            raise UnmaskError("cannot write checkpoint (the write failed: disk full or file-size limit?)",
+                              path) from err
         _fsync_dir(path.parent)
         return path
 

@@ -185,6 +185,7 @@ def infer(
     min_mask_area: Annotated[float | None, typer.Option(help="A face wears a mask when its predicted map covers at least this share of its crop; other faces are left untouched." + _default("infer.min_mask_area"))] = None,
     save_masks: Annotated[bool | None, typer.Option("--save-masks/--no-save-masks", help="Write the masks used to OUT_DIR/masks/." + _default("infer.save_masks"), show_default=False)] = None,
     compare: Annotated[bool | None, typer.Option("--compare/--no-compare", help="Also write input | output pairs to OUT_DIR/compare/." + _default("infer.compare"), show_default=False)] = None,
+    jpeg_quality: Annotated[int | None, typer.Option(help="Quality (1-100) of JPEG outputs; none = each input's own (estimated from its quantization tables)." + _default("infer.jpeg_quality"))] = None,
     batch_size: Annotated[int | None, typer.Option(help="Faces per batch." + _default("infer.batch_size"))] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps." + _default("infer.device"))] = None,
     all_faces: Annotated[bool | None, typer.Option("--all-faces/--largest-face", help="Unmask every face or only the largest." + _default("infer.all_faces"), show_default=False)] = None,
@@ -197,13 +198,13 @@ def infer(
 ) -> None:
     """Unmask every photo of IN_DIR into OUT_DIR (same names, sizes and formats).
 
-    Whole photos: every face is detected, aligned, unmasked and pasted back with a feathered blend; photos without a face are copied through. Inputs are never modified; unreadable files are skipped with a reason.
+    Whole photos: every face is detected, aligned, unmasked and pasted back with a feathered blend; photos without a face are copied through. Outputs keep the input's metadata (EXIF, ICC, XMP, comments, PNG text, DPI), JPEG quality and chroma subsampling, mode and bit depth. Inputs are never modified; unreadable files are skipped with a reason.
     """
     from unmask_cli.inference import run_infer, summary_table
 
     options = {"infer.checkpoint": checkpoint, "infer.masks": masks, "infer.aligned": aligned,
                "infer.threshold": threshold, "infer.min_mask_area": min_mask_area, "infer.save_masks": save_masks, "infer.compare": compare,
-               "infer.batch_size": batch_size, "infer.device": device, "infer.all_faces": all_faces,
+               "infer.jpeg_quality": jpeg_quality, "infer.batch_size": batch_size, "infer.device": device, "infer.all_faces": all_faces,
                "infer.landmarks": landmarks, "infer.detector": detector, "infer.overwrite": overwrite,
                "infer.fold_bn": fold_bn}
     cfg = _config(config, set_, options)
@@ -220,6 +221,8 @@ def export(
     metrics: Annotated[Path | None, typer.Option(help="An 'unmask eval' metrics.json to record in the release.")] = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Pack the moving average of G's weights when the checkpoint has one.")] = True,
     about: Annotated[str, typer.Option(help="The training data in words (where the faces came from, their licence), recorded in the release.")] = "",
+    licence: Annotated[str | None, typer.Option(help="The release's licence; default: from the training data's recorded source (the built-in samples: public domain; UTKFace: non-commercial research), else 'not recorded'.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out (and its .json); never the checkpoint being exported.")] = False,
 ) -> None:
     """Pack a checkpoint into a release file others can run: float16 generator and map module, config, alignment, crop, data, metrics and sha256.
 
@@ -227,7 +230,8 @@ def export(
     """
     from unmask_cli.export import export_release
 
-    path, sidecar = export_release(checkpoint, out, data=data, metrics=metrics, ema=ema, about=about)
+    path, sidecar = export_release(checkpoint, out, data=data, metrics=metrics, ema=ema, about=about,
+                                   licence=licence, overwrite=overwrite)
     console.print(f"release file [bold]{path}[/] ({sidecar['bytes'] / 1e6:.1f} MB, {sidecar['image_size']} px, "
                   f"{sidecar['weights']}, sha256 {sidecar['sha256'][:12]}) and [bold]{path.with_suffix('.json')}[/]")
 
