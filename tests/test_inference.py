@@ -204,7 +204,7 @@ def test_paste_in_the_face_rectangle_equals_paste_back_on_the_whole_photo(aligne
         edited = rng.integers(0, 256, crop.shape, dtype=np.uint8)
         yy, xx = np.mgrid[:size, :size]
         region = ((xx - size / 2) ** 2 / (0.3 * size) ** 2 + (yy - 0.72 * size) ** 2 / (0.2 * size) ** 2) < 1
-        item = _Item(path=Path("x.png"), key="x", output=Path("y.png"), image=astronaut, alpha=None, photo_map=None)
+        item = _Item(path=Path("x.png"), key="x", output=Path("y.png"), image=astronaut, photo_map=None)
         item.result, item.used_map = astronaut.copy(), np.zeros(astronaut.shape[:2], bool)
         _paste_face(item, edited, region, matrix, save_masks=True)
         full = paste_back(astronaut, edited, matrix, region=region)

@@ -163,6 +163,7 @@ class InferConfig:
     min_mask_area: float = 0.04
     save_masks: bool = False  # write the masks used to OUT_DIR/masks/
     compare: bool = False  # also write input | output pairs to OUT_DIR/compare/
+    jpeg_quality: int | None = None  # JPEG outputs' quality (1-100); None = matched to each input's own
     batch_size: int = 8  # faces per batch
     device: str = "auto"
     all_faces: bool = True  # every face, or only the largest
@@ -277,6 +278,8 @@ def _validate(cfg: Config, where: str) -> None:
         (cfg.infer.batch_size >= 1, "infer.batch_size must be >= 1"),
         (0 < cfg.infer.threshold < 1, "infer.threshold must be in (0, 1)"),
         (0 <= cfg.infer.min_mask_area < 1, "infer.min_mask_area must be in [0, 1)"),
+        (cfg.infer.jpeg_quality is None or 1 <= cfg.infer.jpeg_quality <= 100,
+         "infer.jpeg_quality must be in [1, 100] (null = matched to the input)"),
         (cfg.infer.detector in DETECTORS, f"infer.detector must be one of {', '.join(DETECTORS)}"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.save_interval >= 1, "train.save_interval must be >= 1"),

@@ -22,13 +22,16 @@ back happen at the crop resolution. A native-resolution crop keeps the supplied 
 feathered ring around the map (where input and crop are blended) is resampled ~1:1 instead of being
 blurred by a 64/256-px round trip.
 
-Outputs keep the input's name, size and format: PNG lossless (a PNG with transparency keeps its alpha
-channel, and its original RGB wherever nothing was edited), JPEG/WebP re-encoded at quality 95 (so
-untouched pixels of a JPEG change by the re-encoding only), BMP/TIFF/PPM as is, PGM as grey. Photos are
-read with EXIF orientation applied and written upright without EXIF; ``--masks`` maps must match the
-photo as displayed. A photo without a usable face (or whose faces all wear no mask) is copied byte for
-byte; in a group photo each face is judged on its own, and the paste-back reaches only the masked faces'
-maps (feathered), so every other pixel of a lossless output is unchanged.
+Outputs keep the input's name, size, format and what :mod:`unmask_cli.photo_meta` carries over: EXIF
+(Orientation reset to 1, Software naming unmask and the model), ICC profile, XMP, JPEG comment, PNG text
+chunks, DPI; JPEG quality (estimated from the input's quantization tables, or ``infer.jpeg_quality``)
+and chroma subsampling; mode and bit depth (grey stays grey, alpha stays, 16-bit stays 16-bit with the
+untouched pixels' own values). PNG/TIFF/BMP (and lossless WebP) keep untouched pixels bit-identical;
+those of a JPEG change by the re-encoding only. Photos are read with EXIF orientation applied and written upright;
+``--masks`` maps must match the photo as displayed. A photo without a usable face (or whose faces all
+wear no mask) is copied byte for byte; in a group photo each face is judged on its own, and the
+paste-back reaches only the masked faces' maps (feathered), so every other pixel of a lossless output is
+unchanged.
 
 Faces of several photos are batched together (``batch_size`` crops per forward pass); photos are held
 in memory only until their last face is done. Every output is written atomically; a rerun skips
@@ -71,15 +74,15 @@ from unmask_cli.fileio import (
     read_mask,
     remove_temp_files,
 )
+from unmask_cli.photo_meta import encode_photo, read_photo
 from unmask_cli.tensors import from_uint8, to_uint8
 
 MASKS_SUBDIR = "masks"
 COMPARE_SUBDIR = "compare"
 SKIPPED_CSV = "skipped.csv"
 MAX_CROP = 1024  # largest native-resolution face crop (px)
-JPEG_QUALITY = 95
+JPEG_QUALITY = 95  # of the compare/ side-by-sides (outputs match their input's quality)
 NO_FACE_REASONS = ("no face", "face too small", "too small")  # FaceAligner.find_faces reasons -> copied through
-_NATIVE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # fileio.encode_image formats
 
 
 @dataclass
@@ -237,42 +240,6 @@ def _map_up(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) >= 0.5
 
 
-def _read_alpha(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(raw RGB, alpha) of a PNG with transparency, in the orientation ``read_image`` uses; else None."""
-    from PIL import Image, ImageOps
-
-    if path.suffix.lower() != ".png":
-        return None
-    try:
-        with Image.open(path) as img:
-            if not (img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)):
-                return None
-            img.load()
-            rgba = np.asarray(ImageOps.exif_transpose(img).convert("RGBA"))
-    except (OSError, ValueError, SyntaxError):
-        return None
-    return np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3])
-
-
-def _encode(rgb: np.ndarray, suffix: str, alpha: np.ndarray | None = None) -> bytes:
-    """Encode in the input's format: JPEG quality 95, PNG lossless (with alpha when given)."""
-    import cv2
-
-    suffix = suffix.lower()
-    if alpha is not None and suffix == ".png":
-        bgra = cv2.cvtColor(np.dstack([rgb, alpha]), cv2.COLOR_RGBA2BGRA)
-        ok, buf = cv2.imencode(".png", bgra, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    elif suffix == ".ppm":
-        ok, buf = cv2.imencode(".ppm", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    elif suffix == ".pgm":  # a grey input stays grey (the edit is converted to luminance)
-        ok, buf = cv2.imencode(".pgm", cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-    else:
-        return encode_image(rgb, suffix if suffix in _NATIVE_SUFFIXES else ".png", JPEG_QUALITY)
-    if not ok:
-        raise UnmaskError(f"cannot encode image as {suffix}")
-    return buf.tobytes()
-
-
 def _write(path: Path, data: bytes) -> None:
     try:
         atomic_write_bytes(path, data)
@@ -303,7 +270,6 @@ class _Item:
     key: str  # name of the side outputs (masks/KEY.png, compare/KEY.jpg)
     output: Path
     image: np.ndarray  # RGB uint8 as decoded (alpha composited over white)
-    alpha: tuple[np.ndarray, np.ndarray] | None
     photo_map: np.ndarray | None  # supplied whole-photo map
     faces: list[_Face] = field(default_factory=list)
     pending: int = 0
@@ -409,6 +375,16 @@ def resolve_checkpoint(cfg: InferConfig) -> Path:
     return resolve_model(cfg.checkpoint)
 
 
+def software_tag(checkpoint: Path) -> str:
+    """The EXIF Software value of an edited photo: unmask, its version and the model (a checkpoint by its
+    file name only: no local folders in shared photos)."""
+    from unmask_cli import __version__
+    from unmask_cli.release import describe
+
+    model = describe(checkpoint).replace(str(checkpoint), Path(checkpoint).name)
+    return f"unmask {__version__} (face mask removed; model: {model})"
+
+
 def run_infer(cfg: InferConfig, in_dir: str | os.PathLike, out_dir: str | os.PathLike,
               progress=None) -> InferSummary:
     """Unmask every image of ``in_dir`` into ``out_dir`` (same names and formats). See the module doc.
@@ -443,6 +419,7 @@ class InferJob:
             mode="aligned" if cfg.aligned else "photos", mask_source="predicted" if self.masks is None else "supplied",
             detector=cfg.detector, alignment=model.alignment, image_size=self.size, weights=model.weights,
             files=len(self.files), folded_bn=cfg.fold_bn)
+        self.software = software_tag(checkpoint)
         self._prepare_outputs()
         self.progress = progress
         self.task = progress.add_task("infer", total=len(self.files)) if progress is not None else None
@@ -531,7 +508,7 @@ class InferJob:
         """Read one input and prepare its faces; None when it was copied through (no face)."""
         image = read_image(path)
         photo_map = read_mask(self.masks.find(path.stem, path), image.shape[:2]) if self.masks is not None else None
-        item = _Item(path=path, key=key, output=output, image=image, alpha=_read_alpha(path), photo_map=photo_map)
+        item = _Item(path=path, key=key, output=output, image=image, photo_map=photo_map)
         if self.cfg.aligned:  # the file is the crop: one face, composited in place
             item.faces.append(self._face(item, image, photo_map, None))
             item.result, item.used_map = image, np.zeros(image.shape[:2], bool)
@@ -612,19 +589,19 @@ class InferJob:
             self.summary.unchanged += 1
             self.copy_through(item)
         else:
-            result = item.result
-            self.write_side(item, result, item.used_map)
-            alpha = None
-            if item.alpha is not None:  # keep the original RGB (and alpha) wherever nothing was edited
-                raw, alpha = item.alpha
-                changed = (result != item.image).any(axis=2)
-                result = np.where(changed[:, :, None], result, raw)
-            _write(item.output, _encode(result, item.output.suffix, alpha))  # last: it marks the file done
+            self.write_side(item, item.result, item.used_map)
+            _write(item.output, self.encode(item))  # last: it marks the file done
             self.summary.processed += 1
             self.summary.faces += item.edited_faces
         item.faces.clear()
         item.image = item.result = item.used_map = item.photo_map = None  # type: ignore[assignment]
         self.advance()
+
+    def encode(self, item: _Item) -> bytes:
+        """The output file of an edited item: its format, mode, bit depth, metadata and JPEG settings come
+        from the input file (:mod:`unmask_cli.photo_meta`); the pixels nothing changed keep their values."""
+        photo = read_photo(item.path, item.output.suffix, item.image.shape[:2])
+        return encode_photo(item.result, item.image, photo, self.software, self.cfg.jpeg_quality)
 
     def copy_through(self, item: _Item) -> None:
         self.write_side(item, item.image, np.zeros(item.image.shape[:2], bool))
