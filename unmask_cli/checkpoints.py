@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -64,6 +64,8 @@ class Checkpoint:
     # only in release files (unmask_cli.release): float16 G (+ M) for inference, and where they came from;
     # loading one checks it against the sha256 of its sidecar
     release: dict | None = None
+    # not stored: set by load for a release file, the sha256 its sidecar holds and its bytes were checked against
+    verified_sha256: ClassVar[str | None] = None
 
     def save(self, path: str | os.PathLike) -> Path:
         """``torch.save`` to a temporary file in the same folder, fsync, rename into place."""
@@ -74,9 +76,10 @@ class Checkpoint:
         try:
             with atomic_output(path, fsync=True, what="cannot write checkpoint") as handle:
                 torch.save(payload, handle)
-        except RuntimeError as err:  # torch's zip writer reports a failed write (full disk, size limit) so
-            raise UnmaskError("cannot write checkpoint (the write failed: disk full or file-size limit?)",
-                              path) from err
+        except RuntimeError as err:  # torch's zip writer reports a failed write (full disk, size limit) so;
+            cause = _os_error(err)  # the OSError of the file handle it wrote to is its context
+            reason = cause.strerror or str(cause) if cause is not None else "the write failed: disk full or file-size limit?"
+            raise UnmaskError(f"cannot write checkpoint ({reason})", path) from err
         _fsync_dir(path.parent)
         return path
 
@@ -85,12 +88,22 @@ class Checkpoint:
         """Load and check an unmask checkpoint. Always ``weights_only=True``: a file holding code or
         arbitrary Python objects is refused. Every failure is a one-line :class:`UnmaskError` naming the file."""
         path = Path(path)
-        raw = safe_torch_load(path, "checkpoint", map_location)
+        try:
+            raw = safe_torch_load(path, "checkpoint", map_location)
+        except UnmaskError as err:
+            _check_release_bytes(path, err)
+            raise
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise UnmaskError("not an unmask checkpoint (no 'unmask-checkpoint' format tag)", path)
         version = raw.get("version")
-        if not isinstance(version, int) or version > VERSION:
-            raise UnmaskError(f"checkpoint format version {version!r} is newer than this unmask supports "
+        if version is None:
+            raise UnmaskError("checkpoint has no format version (its 'version' entry is missing); it was not "
+                              "written by unmask, or was edited", path)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise UnmaskError(f"checkpoint has an invalid format version ({version!r}; this unmask reads "
+                              f"version {VERSION})", path)
+        if version > VERSION:
+            raise UnmaskError(f"checkpoint format version {version} is newer than this unmask supports "
                               f"({VERSION}); upgrade unmask", path)
         missing = [k for k in REQUIRED_KEYS if k not in raw]
         if missing:
@@ -102,7 +115,7 @@ class Checkpoint:
         ckpt.alignment = _known_alignment(ckpt.alignment, path)
         ckpt.crop = _known_crop(ckpt.crop, path)
         if ckpt.release is not None:
-            verify_release(path)
+            ckpt.verified_sha256 = verify_release(path)["sha256"]
         return ckpt
 
     def model_config(self, path: str | os.PathLike):
@@ -121,6 +134,15 @@ class Checkpoint:
 
 
 # ----------------------------------------------------------------------------------------------- writing
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind an exception (its cause or context, a few levels deep), if any."""
+    for _ in range(5):
+        err = err.__cause__ or err.__context__
+        if err is None or isinstance(err, OSError):
+            return err
+    return None
+
 
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -164,6 +186,33 @@ def publish_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
 
 # ----------------------------------------------------------------------------------------------- loading
 
+def _check_release_bytes(path: Path, err: UnmaskError) -> None:
+    """A file torch cannot read that has a release sidecar beside it: say it is a damaged release file
+    (its size and sha256 against the sidecar's) rather than torch's words."""
+    from unmask_cli.release import read_sidecar, sidecar_path
+
+    if not (sidecar_path(path).exists() and path.is_file()):
+        return
+    try:
+        doc = read_sidecar(path)
+    except UnmaskError:
+        return  # not a release sidecar: the plain load error stands
+    size, expected = path.stat().st_size, doc.get("bytes")
+    if isinstance(expected, int) and size != expected:
+        raise UnmaskError(f"release file is truncated or damaged: {size:,} bytes on disk, {expected:,} in "
+                          f"{sidecar_path(path).name}; reinstall or re-export it", path) from err
+    verify_release(path)  # a sha256 mismatch is the clearer message
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of an error message's first line, without a trailing period (torch's messages
+    go on with advice for torch developers)."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    sentence = re.split(r"(?<=[a-z0-9)\]])\. ", line, maxsplit=1)[0].rstrip(".")
+    if len(sentence) > 200:
+        sentence = sentence[:200].rsplit(" ", 1)[0] + " ..."
+    return sentence
+
 def _unpickling_reason(err: Exception) -> str:
     text = str(err)
     found = re.search(r"GLOBAL ([\w.]+)", text)
@@ -201,10 +250,9 @@ def safe_torch_load(path: str | os.PathLike, what: str, map_location: str | torc
         raise UnmaskError(f"cannot load {what}: {_unpickling_reason(err)}", path) from err
     except (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile, UnicodeDecodeError,
             AttributeError, TypeError, IndexError) as err:
-        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), err.__class__.__name__)
-        if isinstance(err, KeyError):
-            first = "not a PyTorch file"
-        raise UnmaskError(f"cannot load {what}: truncated or corrupt file ({first[:160]})", path) from err
+        first = "not a PyTorch file" if isinstance(err, KeyError) else (
+            _first_sentence(str(err)) or err.__class__.__name__)
+        raise UnmaskError(f"cannot load {what}: truncated or corrupt file ({first})", path) from err
 
 
 def check_compatible(ckpt: Checkpoint, cfg, path: str | os.PathLike) -> None:
@@ -308,6 +356,18 @@ class TrainedModel:
     weights: str = "G"  # which generator weights: "G", or "EMA of G (decay ..., N updates)"
     alignment: str = "ffhq"  # how its training faces were aligned (infer aligns photos the same way)
     crop: float = 1.0  # and cropped
+    sha256: str | None = None  # a release file's sha256, checked against its sidecar when loaded
+
+
+def check_finite(module: nn.Module, name: str, path: str | os.PathLike) -> None:
+    """Refuse weights or buffers holding NaN or infinity (a run that diverged, a damaged export): such a
+    network paints black or grey patches. One line naming the checkpoint and the network."""
+    bad = [key for key, value in module.state_dict().items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise UnmaskError(f"checkpoint holds non-finite weights (NaN or infinity) in {name}: {len(bad)} "
+                          f"tensor(s), the first {bad[0]}; the run diverged or the file was damaged, so it "
+                          "cannot be used (take an earlier checkpoint)", path)
 
 
 def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -329,16 +389,18 @@ def build_networks_from_checkpoint(path: str | os.PathLike, device: str | torch.
     except ConfigError as err:
         raise UnmaskError(f"checkpoint holds an invalid config ({err})", path) from err
     weights = _load_generator(G, ckpt, ema, path)
+    check_finite(G, "the generator" + (" (its EMA)" if weights.startswith("EMA") else ""), path)
     if ckpt.release is not None:
         weights = f"{ckpt.release.get('weights', 'G')}, float16 release"
     if M is not None:
         load_state(M, nets["M"], "M", path)
+        check_finite(M, "the map module", path)
     device = torch.device(device)
     G = G.to(device).eval()
     M = M.to(device).eval() if M is not None else None
     return TrainedModel(G=G, M=M, config=cfg, image_size=cfg.data.image_size, epoch=int(ckpt.epoch),
                         global_step=int(ckpt.global_step), vgg=str(ckpt.vgg), path=path, weights=weights,
-                        alignment=ckpt.alignment, crop=ckpt.crop)
+                        alignment=ckpt.alignment, crop=ckpt.crop, sha256=ckpt.verified_sha256)
 
 
 def _load_generator(G: nn.Module, ckpt: Checkpoint, ema: bool, path: Path) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from unmask_cli.errors import UnmaskError
 
@@ -76,15 +75,15 @@ def verify_release(path: str | os.PathLike) -> dict:
     return doc
 
 
-def describe(path: str | os.PathLike) -> str:
-    """One line for summaries: 'shipped model (128 px, 12000 steps)' or the path."""
-    doc: dict[str, Any] = {}
-    if sidecar_path(path).exists():
-        try:
-            doc = read_sidecar(path)
-        except UnmaskError:
-            doc = {}
-    if not doc:
+def describe(path: str | os.PathLike, image_size: int | None = None, global_step: int | None = None,
+             sha256: str | None = None) -> str:
+    """One line for summaries from what was loaded and checked, never the sidecar's own numbers: a release
+    file whose sha256 was verified (``sha256``, :attr:`Checkpoint.verified_sha256`) with the image size of
+    its loaded network and its steps, e.g. 'shipped model (128 px, 10138 steps, sha256 0123abcd4567
+    verified)'; anything else is its path."""
+    if sha256 is None:
         return str(path)
     what = "shipped model" if is_shipped(path) else f"release file {path}"
-    return f"{what} ({doc.get('image_size')} px, {doc.get('global_step')} steps, sha256 {doc['sha256'][:12]})"
+    parts = ([f"{image_size} px"] if image_size else []) + ([f"{global_step} steps"] if global_step is not None
+                                                           else []) + [f"sha256 {sha256[:12]} verified"]
+    return f"{what} ({', '.join(parts)})"
