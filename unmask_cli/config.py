@@ -243,7 +243,8 @@ def _unknown(key: str, choices: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}", where)
 
 
-def _apply(obj: Any, mapping: dict, prefix: str, where: str) -> None:
+def _apply(obj: Any, mapping: dict, prefix: str, where: str, sources: dict[str, str] | None = None) -> None:
+    """Set the values of ``mapping`` on ``obj`` (type-checked); ``sources`` records where each key was set."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for name, value in mapping.items():
@@ -254,49 +255,74 @@ def _apply(obj: Any, mapping: dict, prefix: str, where: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} must be a mapping of settings, got {value!r}", where)
-            _apply(current, value, f"{key}.", where)
+            _apply(current, value, f"{key}.", where, sources)
         else:
             setattr(obj, name, _coerce(value, hints[name], key, where))
+            if sources is not None:
+                sources[key] = where
 
 
-def _validate(cfg: Config, where: str) -> None:
-    checks = [
-        (cfg.data.image_size >= 32 and cfg.data.image_size & (cfg.data.image_size - 1) == 0,
+def _validate(cfg: Config, where: str, sources: dict[str, str] | None = None) -> None:
+    """Check every value rule. The message names the key(s) and the value(s) given (``..., got 1.5``) and
+    starts with where the first of them was set: the option (``--threshold``), the ``--set`` override or
+    the config file; ``where`` when they are defaults."""
+    checks = [  # (keys the rule is about, ok, message)
+        (("data.image_size",), cfg.data.image_size >= 32 and cfg.data.image_size & (cfg.data.image_size - 1) == 0,
          "data.image_size must be a power of two >= 32"),
-        (cfg.prepare.size >= 32, "prepare.size must be >= 32"),
-        (cfg.prepare.num_samples is None or cfg.prepare.num_samples >= 1, "prepare.num_samples must be >= 1"),
-        (cfg.prepare.workers >= 1, "prepare.workers must be >= 1"),
-        (cfg.prepare.detector in DETECTORS, f"prepare.detector must be one of {', '.join(DETECTORS)}"),
-        (cfg.prepare.alignment in ALIGNMENTS, f"prepare.alignment must be one of {', '.join(ALIGNMENTS)}"),
-        (CROPS[0] <= cfg.prepare.crop <= CROPS[1], f"prepare.crop must be in [{CROPS[0]}, {CROPS[1]}]"),
-        (0 <= cfg.prepare.val_fraction < 1 and 0 <= cfg.prepare.test_fraction < 1
+        (("prepare.size",), cfg.prepare.size >= 32, "prepare.size must be >= 32"),
+        (("prepare.num_samples",), cfg.prepare.num_samples is None or cfg.prepare.num_samples >= 1,
+         "prepare.num_samples must be >= 1"),
+        (("prepare.workers",), cfg.prepare.workers >= 1, "prepare.workers must be >= 1"),
+        (("prepare.detector",), cfg.prepare.detector in DETECTORS,
+         f"prepare.detector must be one of {', '.join(DETECTORS)}"),
+        (("prepare.alignment",), cfg.prepare.alignment in ALIGNMENTS,
+         f"prepare.alignment must be one of {', '.join(ALIGNMENTS)}"),
+        (("prepare.crop",), CROPS[0] <= cfg.prepare.crop <= CROPS[1], f"prepare.crop must be in [{CROPS[0]}, {CROPS[1]}]"),
+        (("prepare.val_fraction", "prepare.test_fraction"),
+         0 <= cfg.prepare.val_fraction < 1 and 0 <= cfg.prepare.test_fraction < 1
          and cfg.prepare.val_fraction + cfg.prepare.test_fraction < 1,
          "prepare.val_fraction + prepare.test_fraction must be in [0, 1)"),
-        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
-        (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
-        (cfg.eval.max_images >= 0 and cfg.eval.sheet_images >= 0, "eval.max_images and eval.sheet_images must be >= 0"),
-        (cfg.infer.batch_size >= 1, "infer.batch_size must be >= 1"),
-        (0 < cfg.infer.threshold < 1, "infer.threshold must be in (0, 1)"),
-        (0 <= cfg.infer.min_mask_area < 1, "infer.min_mask_area must be in [0, 1)"),
-        (cfg.infer.jpeg_quality is None or 1 <= cfg.infer.jpeg_quality <= 100,
+        (("train.epochs",), cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (("eval.batch_size",), cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (("eval.max_images", "eval.sheet_images"), cfg.eval.max_images >= 0 and cfg.eval.sheet_images >= 0,
+         "eval.max_images and eval.sheet_images must be >= 0"),
+        (("infer.batch_size",), cfg.infer.batch_size >= 1, "infer.batch_size must be >= 1"),
+        (("infer.threshold",), 0 < cfg.infer.threshold < 1, "infer.threshold must be in (0, 1)"),
+        (("infer.min_mask_area",), 0 <= cfg.infer.min_mask_area < 1, "infer.min_mask_area must be in [0, 1)"),
+        (("infer.jpeg_quality",), cfg.infer.jpeg_quality is None or 1 <= cfg.infer.jpeg_quality <= 100,
          "infer.jpeg_quality must be in [1, 100] (null = matched to the input)"),
-        (cfg.infer.detector in DETECTORS, f"infer.detector must be one of {', '.join(DETECTORS)}"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (cfg.train.save_interval >= 1, "train.save_interval must be >= 1"),
-        (cfg.train.lr_g > 0 and cfg.train.lr_d > 0, "train.lr_g and train.lr_d must be > 0"),
-        (0 <= cfg.train.beta1 < 1 and 0 <= cfg.train.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
-        (cfg.model.ngf >= 1 and cfg.model.ndf >= 1 and cfg.model.nmf >= 1, "model widths must be >= 1"),
-        (cfg.model.d_layers >= 1, "model.d_layers must be >= 1"),
-        (cfg.loss.warmup_steps >= 0, "loss.warmup_steps must be >= 0"),
-        (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1) (0 = off)"),
-        (cfg.train.ema_start >= 0, "train.ema_start must be >= 0"),
-        (all(0 <= i <= 29 for i in cfg.loss.vgg_layers) and cfg.loss.vgg_layers == sorted(set(cfg.loss.vgg_layers))
-         and len(cfg.loss.vgg_layers) > 0,
+        (("infer.detector",), cfg.infer.detector in DETECTORS, f"infer.detector must be one of {', '.join(DETECTORS)}"),
+        (("train.batch_size",), cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (("train.save_interval",), cfg.train.save_interval >= 1, "train.save_interval must be >= 1"),
+        (("train.lr_g", "train.lr_d"), cfg.train.lr_g > 0 and cfg.train.lr_d > 0, "train.lr_g and train.lr_d must be > 0"),
+        (("train.beta1", "train.beta2"), 0 <= cfg.train.beta1 < 1 and 0 <= cfg.train.beta2 < 1,
+         "train.beta1 and train.beta2 must be in [0, 1)"),
+        (("model.ngf", "model.ndf", "model.nmf"), cfg.model.ngf >= 1 and cfg.model.ndf >= 1 and cfg.model.nmf >= 1,
+         "model widths must be >= 1"),
+        (("model.d_layers",), cfg.model.d_layers >= 1, "model.d_layers must be >= 1"),
+        (("loss.warmup_steps",), cfg.loss.warmup_steps >= 0, "loss.warmup_steps must be >= 0"),
+        (("train.ema_decay",), 0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1) (0 = off)"),
+        (("train.ema_start",), cfg.train.ema_start >= 0, "train.ema_start must be >= 0"),
+        (("loss.vgg_layers",), all(0 <= i <= 29 for i in cfg.loss.vgg_layers)
+         and cfg.loss.vgg_layers == sorted(set(cfg.loss.vgg_layers)) and len(cfg.loss.vgg_layers) > 0,
          "loss.vgg_layers must be increasing indices into vgg16().features (0-29)"),
     ]
-    for ok, message in checks:
+    for keys, ok, message in checks:
         if not ok:
-            raise ConfigError(message, where)
+            raise ConfigError(f"{message}, got {_given(cfg, keys)}",
+                              next((sources[k] for k in keys if sources and k in sources), where))
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _given(cfg: Config, keys: tuple[str, ...]) -> str:
+    """``1.5`` for one key, ``train.beta1=0.5, train.beta2=1.0`` for several."""
+    if len(keys) == 1:
+        return repr(_value(cfg, keys[0]))
+    return ", ".join(f"{k}={_value(cfg, k)!r}" for k in keys)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -323,6 +349,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults <- YAML file <- ``--set`` overrides <- ``options`` (a command's own options, as
     ``{"infer.threshold": 0.4}``; None = not given), all type-checked."""
     cfg = Config()
+    sources: dict[str, str] = {}  # key -> where its value was set (file, --set ..., --option)
     if path is not None:
         path = Path(path)
         try:
@@ -341,15 +368,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             data = {}
         if not isinstance(data, dict):
             raise ConfigError("config must be a mapping of sections (data, prepare, model, loss, train, eval, infer)", path)
-        _apply(cfg, data, "", str(path))
+        _apply(cfg, data, "", str(path), sources)
     for text in overrides:
         key, value = parse_override(text)
-        _apply(cfg, _nest(key, value), "", f"--set {text}")
+        _apply(cfg, _nest(key, value), "", f"--set {text}", sources)
     for key, value in (options or {}).items():
         if value is not None:
             value = str(value) if isinstance(value, os.PathLike) else value
-            _apply(cfg, _nest(key, value), "", f"--{key.rsplit('.', 1)[-1].replace('_', '-')}")
-    _validate(cfg, str(path) if path is not None else "config")
+            _apply(cfg, _nest(key, value), "", f"--{key.rsplit('.', 1)[-1].replace('_', '-')}", sources)
+    _validate(cfg, str(path) if path is not None else "config", sources)
     return cfg
 
 
