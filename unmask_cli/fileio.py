@@ -16,7 +16,7 @@ import numpy as np
 
 from unmask_cli.errors import BadInput, UnmaskError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")  # GIF: its first frame
 TMP_MARK = ".unmask-tmp-"
 MAX_PIXELS = 120_000_000
 # Pillow decoders allowed on untrusted files: plain raster formats only (EPS/PDF would run Ghostscript).
@@ -116,6 +116,36 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     )
 
 
+def list_entries(folder: str | os.PathLike) -> list[Path]:
+    """Every visible entry of ``folder`` (sorted): files, folders, links, FIFOs ...; hidden and temporary
+    ones excluded. For jobs that list what they did not read (a sub-folder, a FIFO) with a reason."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".") and TMP_MARK not in p.name)
+
+
+def entry_problem(path: str | os.PathLike) -> BadInput | None:
+    """Why ``path`` cannot be read as an image file before opening it (a folder, a broken link, a FIFO,
+    socket or device, which would block or never end), or None for a regular file (or a link to one)."""
+    import stat
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return BadInput(f"broken symbolic link (its target {os.readlink(path)} does not exist)", path,
+                            "broken link")
+        return BadInput("file not found (removed while running?)", path, "unreadable")
+    except OSError as err:
+        return BadInput(f"cannot read file ({err.strerror or err})", path, "unreadable")
+    if stat.S_ISDIR(mode):
+        return BadInput("is a folder, not an image file", path, "folder")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+        return BadInput(f"not a regular file ({kind})", path, "not a regular file")
+    return None
+
+
 def list_files(folder: str | os.PathLike) -> list[Path]:
     """The visible entries of ``folder`` a user may have meant as inputs (sorted): regular files, broken
     symbolic links, and sub-folders named like images (``2019.jpg/``). Callers read each one and report
@@ -153,10 +183,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if path.is_dir():
-        raise BadInput("is a folder, not an image file", path, "folder")
-    if path.is_symlink() and not path.exists():
-        raise BadInput(f"broken symbolic link (its target {os.readlink(path)} does not exist)", path, "broken link")
+    problem = entry_problem(path)
+    if problem is not None:
+        raise problem
     try:
         size = path.stat().st_size
     except OSError as err:

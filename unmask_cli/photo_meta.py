@@ -6,9 +6,9 @@
   cICP), DPI;
 * encoding: JPEG quality (estimated from the input's quantization tables) and chroma subsampling,
   progressive; WebP lossless; TIFF compression;
-* pixels: the mode and bit depth (grey stays grey, alpha stays, 16 bits per channel stay 16 bits). Pixels
-  the edit did not change keep the file's own values; the changed ones are converted (luminance for grey,
-  times 257 for 16 bits).
+* pixels: the mode and bit depth (grey stays grey, alpha stays, 16 bits per channel stay 16 bits, a GIF keeps
+  its palette). Pixels the edit did not change keep the file's own values; the changed ones are converted
+  (luminance for grey, times 257 for 16 bits, the nearest palette colour for a GIF).
 
 :func:`read_photo` reads all of it from the input file; :func:`encode_photo` writes the edited RGB uint8
 result with it. Everything goes through Pillow, except 16-bit colour pixels (Pillow holds 8 bits a channel),
@@ -31,11 +31,11 @@ ORIENTATION, SOFTWARE, EXIF_IFD = 0x0112, 0x0131, 0x8769
 DEFAULT_QUALITY = 95  # JPEG without its own tables to match, and lossy WebP
 PNG_COMPRESSION = 1  # zlib level of PNG outputs (fast; lossless at any level)
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP",
-           ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM"}  # by the output's suffix; any other is written as PNG
+           ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".gif": "GIF"}  # by the output's suffix; any other: PNG
 # the pixel modes each format is written in; "RGB;16"/"RGBA;16" are 16 bits a channel (numpy uint16)
 MODES = {"JPEG": ("RGB", "L"), "PNG": ("RGB", "RGBA", "L", "LA", "I;16", "RGB;16", "RGBA;16"),
          "TIFF": ("RGB", "RGBA", "L", "LA", "I;16", "RGB;16", "RGBA;16"), "BMP": ("RGB", "RGBA", "L"),
-         "WEBP": ("RGB", "RGBA"), "PPM": ("RGB", "L", "I;16", "RGB;16")}
+         "WEBP": ("RGB", "RGBA"), "PPM": ("RGB", "L", "I;16", "RGB;16"), "GIF": ("P", "L", "RGB")}
 GREY = ("L", "LA", "I;16")
 PNG_CARRIED = (b"tEXt", b"zTXt", b"iTXt", b"gAMA", b"cHRM", b"sRGB", b"cICP")  # the rest is Pillow's to write
 XMP_ITXT = b"XML:com.adobe.xmp\0\0\0\0\0"  # iTXt keyword, uncompressed, no language: the XMP follows
@@ -71,6 +71,8 @@ class Photo:
     lossless: bool = False  # WebP
     compression: str | None = None  # TIFF
     png_chunks: list[tuple[bytes, bytes]] = field(default_factory=list)  # raw ancillary chunks to carry
+    palette: list[int] | None = None  # GIF (mode "P"): the input's palette, RGB triplets
+    transparency: int | None = None  # GIF: its transparent palette index
 
 
 # ------------------------------------------------------------------------------------------------ JPEG
@@ -161,7 +163,10 @@ def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _native_mode(img) -> str:
-    """The mode an output keeps of a decoded file: RGB, RGBA, L, LA, I;16, RGB;16 or RGBA;16."""
+    """The mode an output keeps of a decoded file: RGB, RGBA, L, LA, I;16, RGB;16, RGBA;16, or P (a GIF's
+    palette indices)."""
+    if img.format == "GIF" and img.mode == "P":
+        return "P"
     if img.mode in ("RGB", "RGBA") and any(";16" in str(tile.args) for tile in img.tile):  # raw mode RGB;16B ...
         return img.mode + ";16"
     if img.mode in ("L", "1"):
@@ -195,6 +200,8 @@ def _native_pixels(img, path: Path, mode: str, orientation: int) -> np.ndarray |
     img = ImageOps.exif_transpose(img)
     if mode == "I;16":
         return np.asarray(img).astype(np.uint16)
+    if mode == "P":
+        return np.asarray(img).copy()
     source = {"RGBA": "RGBA", "LA": "LA", "L": "L"}[mode]
     return np.asarray(img if img.mode == source else img.convert(source))
 
@@ -242,9 +249,13 @@ def read_photo(path: str | os.PathLike, suffix: str | None = None, shape: tuple[
                                     for k, d in photo.png_chunks]
             if mode == native:
                 photo.pixels = _native_pixels(img, path, mode, orientation)
+            if mode == "P":
+                photo.palette = img.getpalette()
+                transparency = img.info.get("transparency")
+                photo.transparency = transparency if isinstance(transparency, int) else None
     except (OSError, ValueError, SyntaxError, EOFError, KeyError, MemoryError, cv2.error):
         return Photo(format=fmt, mode="RGB")
-    if (photo.pixels is None and photo.mode not in ("RGB", "L")) or (
+    if (photo.pixels is None and photo.mode not in ("RGB", "L")) or (photo.mode == "P" and not photo.palette) or (
             photo.pixels is not None and shape is not None and photo.pixels.shape[:2] != tuple(shape)):
         photo.pixels, photo.mode = None, "L" if photo.mode in GREY and "L" in MODES[fmt] else "RGB"
     return photo
@@ -266,6 +277,9 @@ def compose(edited: np.ndarray, decoded: np.ndarray, photo: Photo) -> np.ndarray
     changed = (edited != decoded).any(axis=2)
     out = photo.pixels.copy()
     new = edited[changed]
+    if photo.mode == "P":
+        out[changed] = _nearest_colour(new, photo.palette, photo.transparency)
+        return out
     if photo.mode in GREY:
         new = _luminance(new)
     if out.dtype == np.uint16:
@@ -276,6 +290,21 @@ def compose(edited: np.ndarray, decoded: np.ndarray, photo: Photo) -> np.ndarray
         out[changed, 0] = new
     else:
         out[changed, :3] = new
+    return out
+
+
+def _nearest_colour(rgb: np.ndarray, palette: list[int], transparent: int | None) -> np.ndarray:
+    """The index of the palette colour nearest to each (N, 3) uint8 colour (never the transparent one)."""
+    colours = np.asarray(palette, np.int32)[: len(palette) // 3 * 3].reshape(-1, 3)
+    usable = np.ones(len(colours), bool)
+    if transparent is not None and transparent < len(colours) and len(colours) > 1:
+        usable[transparent] = False
+    candidates = np.flatnonzero(usable)
+    out = np.empty(len(rgb), np.uint8)
+    for start in range(0, len(rgb), 16384):
+        part = rgb[start:start + 16384].astype(np.int32)
+        distance = ((part[:, None, :] - colours[None, candidates, :]) ** 2).sum(axis=2)
+        out[start:start + 16384] = candidates[distance.argmin(axis=1)]
     return out
 
 
@@ -326,6 +355,11 @@ def encode_photo(edited: np.ndarray, decoded: np.ndarray, photo: Photo, software
             kwargs["xmp"] = photo.xmp
     elif fmt == "TIFF" and photo.compression:
         kwargs["compression"] = photo.compression
+    elif fmt == "GIF":  # one frame (the first of an animation); a palette photo keeps its palette
+        kwargs.update({k: v for k, v in (("comment", photo.comment), ("transparency", photo.transparency))
+                       if v is not None})
+        if photo.mode == "P":  # as it was, unused entries included: every index keeps its colour
+            kwargs.update(palette=photo.palette, optimize=False)
     try:
         return _save(pixels, fmt, kwargs)
     except (OSError, ValueError):  # metadata the format cannot hold (an EXIF over 64 KB in a JPEG ...): without
@@ -338,7 +372,13 @@ def _save(pixels: np.ndarray, fmt: str, kwargs: dict) -> bytes:
     if pixels.dtype == np.uint16 and pixels.ndim == 3:
         return _encode_wide(pixels, fmt, kwargs)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt, **kwargs)
+    kwargs = dict(kwargs)
+    palette = kwargs.pop("palette", None)
+    image = Image.fromarray(pixels)
+    if palette is not None:  # palette indices
+        image = Image.fromarray(pixels, "P")
+        image.putpalette(palette)
+    image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
 
 
