@@ -28,6 +28,7 @@ always safe.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -134,12 +135,26 @@ def append_manifest(root: str | os.PathLike, records: list[dict]) -> None:
         return
     data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
     path = Path(root) / MANIFEST
+    append_or_restore(path, data)
+
+
+def append_or_restore(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` and fsync; when the write fails (full disk, file-size limit) the file is
+    cut back to its previous length (a kill's partial line is dropped by the readers) and the error is one
+    line naming the file."""
     try:
-        with open(path, "ab") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as err:  # a partial line is dropped by read_manifest on the next run
+        with open(path, "ab", buffering=0) as handle:  # unbuffered: nothing is written after a failure
+            start = handle.seek(0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[handle.write(view):]
+                os.fsync(handle.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(handle.fileno(), start)
+                raise
+    except OSError as err:
         raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err
 
 

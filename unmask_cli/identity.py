@@ -189,6 +189,13 @@ def default_workers() -> int:
     return min(8, usable_cpus())
 
 
+def _ignore_interrupts() -> None:
+    """In a worker: Ctrl-C is the main process's to handle (it shuts the pool down), no traceback here."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class FaceScorePool:
     """:meth:`IdentityScorer.face_scores` in worker processes, as futures, so the dlib ResNet (single-
     threaded, about 70 ms a chip on a CPU, most of an evaluation) runs beside the torch metrics and on
@@ -204,7 +211,8 @@ class FaceScorePool:
             # it again unless it has an ``if __name__ == "__main__"`` guard. The workers use dlib and numpy
             # only, never torch, so its thread pools are no hazard in them.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                             initializer=_ignore_interrupts)
         else:
             self._pool, self._scorer = None, IdentityScorer()
 

@@ -30,13 +30,20 @@ from unmask_cli.data import (
     SKIPPED,
     SUBDIRS,
     append_manifest,
+    append_or_restore,
     read_manifest,
     sample_paths,
     split_of,
 )
 from unmask_cli.errors import BadInput, UnmaskError
 from unmask_cli.faces import LEGACY_ALIGNMENT, LEGACY_CROP, check_alignment, check_crop, check_detector
-from unmask_cli.fileio import atomic_write_bytes, atomic_write_text, ensure_dir, list_files, remove_temp_files
+from unmask_cli.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    ensure_dir,
+    list_entries,
+    remove_temp_files,
+)
 
 BUILTIN_VARIANTS = 48  # distinct augmented photos of the built-in portraits
 
@@ -71,6 +78,10 @@ def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face:
     import cv2
 
     cv2.setNumThreads(1)
+    if parent_dies:  # a pool worker: Ctrl-C is the main process's to handle (it ends the pool), no traceback here
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_dies and sys.platform.startswith("linux"):  # do not outlive a killed parent
         try:
             import ctypes
@@ -174,7 +185,7 @@ def _source_items(opts: PrepareConfig) -> list[tuple[str, str | None]]:
     if not source.is_dir():
         raise UnmaskError("source is not a folder", source)
     files = sorted(p for p in source.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(source).parts)) if opts.recursive else list_files(source)
+        part.startswith(".") for part in p.relative_to(source).parts)) if opts.recursive else list_entries(source)
     if not files:
         raise UnmaskError("source folder is empty", source)
     return [(p.relative_to(source).as_posix(), str(p)) for p in files]
@@ -199,13 +210,7 @@ def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
     if not path.exists():
         writer.writerow(["source", "reason", "detail"])
     writer.writerow([key, reason, detail])
-    try:
-        with open(path, "a", encoding="utf-8", errors="surrogateescape") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as err:
-        raise UnmaskError(f"cannot write ({err.strerror or err})", path) from err
+    append_or_restore(path, buffer.getvalue().encode("utf-8", errors="surrogateescape"))
 
 
 def _settings(opts: PrepareConfig) -> dict:
@@ -467,5 +472,6 @@ def preview(opts: PrepareConfig, count: int, sheet_path: Path) -> int:
             break
     if not rows:
         raise UnmaskError("no usable face found for the preview", opts.source)
+    ensure_dir(Path(sheet_path).parent)
     write_image(sheet_path, preview_sheet(rows[:count]))
     return len(rows[:count])
