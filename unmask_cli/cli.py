@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +24,21 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _interruptible(command):
+    """A command that a Ctrl-C (SIGINT) ends with one yellow 'interrupted' line on stderr and exit code 130
+    (Typer would exit 130 silently). The jobs leave no partial file: writes are atomic."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]", highlight=False)
+            raise typer.Exit(130) from None
+
+    return run
 
 
 def _version(value: bool) -> None:
@@ -66,6 +82,7 @@ def _config(config: Path | None, set_: list[str] | None, options: dict):
 
 
 @app.command()
+@_interruptible
 def prepare(
     source: Annotated[Path | None, typer.Option(help="Folder of unmasked face photos (e.g. CelebA img_align_celeba); none = the built-in sample portraits." + _default("prepare.source"))] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (or the sheet PNG with --preview)." + _default("data.root"))] = None,
@@ -115,6 +132,7 @@ def prepare(
 
 
 @app.command()
+@_interruptible
 def train(
     config: ConfigOpt = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset folder." + _default("data.root"))] = None,
@@ -142,6 +160,7 @@ def train(
 
 
 @app.command("eval")
+@_interruptible
 def eval_(
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint from 'unmask train' (last.pt, best.pt, epoch_NNN.pt), a release file, or 'shipped' (the model that ships with unmask)." + _default("eval.checkpoint"))] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset (or a folder with original_celeba_aligned/, masked_images/, mask_maps/); none = the checkpoint's data.root." + _default("eval.data"))] = None,
@@ -175,6 +194,7 @@ def eval_(
 
 
 @app.command()
+@_interruptible
 def infer(
     in_dir: Annotated[Path, typer.Argument(help="Folder of masked photos (or aligned crops with --aligned).")],
     out_dir: Annotated[Path, typer.Argument(help="Output folder (must not be IN_DIR or inside it).")],
@@ -214,6 +234,7 @@ def infer(
 
 
 @app.command()
+@_interruptible
 def export(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint from 'unmask train' (runs/NAME/best.pt).")],
     out: Annotated[Path, typer.Option(help="Release file to write (NAME.pt; NAME.json, its sha256 and description, goes beside it).")],
