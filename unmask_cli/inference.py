@@ -34,8 +34,13 @@ paste-back reaches only the masked faces' maps (feathered), so every other pixel
 unchanged.
 
 Faces of several photos are batched together (``batch_size`` crops per forward pass); photos are held
-in memory only until their last face is done. Every output is written atomically; a rerun skips
-inputs whose outputs all exist (resumable) unless ``overwrite=True``. Speed: ``torch.inference_mode``,
+in memory only until their last face is done. Every output is written atomically and then recorded in
+``OUT_DIR/.unmask-infer.json`` (:class:`OutputRecord`: the model's sha256 and the settings that change
+outputs, the input's size and time, each file's size, sha256 and image size); a rerun skips an input only
+when its record matches (same model and settings, same input, files exactly as written) unless
+``overwrite=True``, and redoes the rest, saying why (a zero-byte, truncated or edited output, other
+settings, a changed input, or no record). The record is saved every couple of seconds and at the end
+(also on Ctrl-C); an output a kill left unrecorded is redone, never trusted. Speed: ``torch.inference_mode``,
 the device policy of :func:`unmask_cli.device.setup_device` (fp16 autocast and channels_last on CUDA)
 with channels_last on the CPU as well (``setup_device(inference=True)``), and BatchNorm folded into the
 preceding (transposed) convolution (tests/test_inference.py holds it to plain eager fp32 within 1e-4 on
@@ -47,10 +52,13 @@ every default lives); :class:`InferJob` is one run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import functools
+import hashlib
 import io
+import json
 import os
 import time
 from collections import Counter
@@ -66,13 +74,17 @@ from unmask_cli.device import DeviceSetup, setup_device
 from unmask_cli.errors import BadInput, UnmaskError
 from unmask_cli.fileio import (
     atomic_write_bytes,
+    atomic_write_text,
     encode_image,
     ensure_dir,
+    entry_problem,
     is_image_name,
+    list_entries,
     list_files,
     read_image,
     read_mask,
     remove_temp_files,
+    sha256_file,
 )
 from unmask_cli.photo_meta import encode_photo, read_photo
 from unmask_cli.tensors import from_uint8, to_uint8
@@ -83,6 +95,16 @@ SKIPPED_CSV = "skipped.csv"
 MAX_CROP = 1024  # largest native-resolution face crop (px)
 JPEG_QUALITY = 95  # of the compare/ side-by-sides (outputs match their input's quality)
 NO_FACE_REASONS = ("no face", "face too small", "too small")  # FaceAligner.find_faces reasons -> copied through
+RECORD_FILE = ".unmask-infer.json"  # OUT_DIR's record of what made each output (OutputRecord)
+RECORD_FORMAT = "unmask-infer"
+RECORD_SAVE_S = 2.0  # the record is saved at most this often while running (and always at the end)
+# why an output that was there is made again (InferSummary.redone_*): the reason -> the summary's words
+REDO_REASONS = {
+    "corrupt": "output corrupt or changed since written (zero-byte, truncated, edited)",
+    "changed settings": "made with another model or other settings",
+    "changed input": "input changed since",
+    "unrecorded": "no record of how it was made (an older unmask, or a kill before the record was saved)",
+}
 
 
 @dataclass
@@ -104,12 +126,24 @@ class InferSummary:
     faces_empty_map: int = 0  # faces without a mask (an empty map, or a predicted one below min_mask_area): untouched
     no_face: int = 0  # photos without a usable face: copied through byte for byte
     unchanged: int = 0  # photos/crops with faces but none wearing a mask: copied through
-    already_done: int = 0  # outputs that existed (resumed run), not redone
+    already_done: int = 0  # outputs an earlier run made with the same model and settings, intact: not redone
+    redone_corrupt: int = 0  # outputs that were there but not as written (zero-byte, truncated, edited): redone
+    redone_changed_settings: int = 0  # outputs made with another model or other settings: redone
+    redone_changed_input: int = 0  # outputs of an input that changed since: redone
+    redone_unrecorded: int = 0  # outputs with no record of how they were made: redone
+    redone_files: list[tuple[str, str]] = field(default_factory=list)  # (file, a REDO_REASONS key)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     skipped_files: list[tuple[str, str, str]] = field(default_factory=list)  # (file, reason, message)
     no_face_files: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     seconds: float = 0.0
     folded_bn: bool = False
+    global_step: int = 0  # the loaded checkpoint's training steps
+    release_sha256: str | None = None  # a release file's sha256, verified against its sidecar when loaded
+
+    @property
+    def redone(self) -> int:
+        return (self.redone_corrupt + self.redone_changed_settings + self.redone_changed_input
+                + self.redone_unrecorded)
 
     @property
     def handled(self) -> int:
@@ -277,6 +311,8 @@ class _Item:
     used_map: np.ndarray | None = None
     edited_faces: int = 0
     empty_faces: int = 0  # faces whose (supplied) map is empty: not sent to the network
+    identity: list[int] = field(default_factory=list)  # the input's [size, mtime_ns] when it was read
+    redo: str | None = None  # why the output already there is made again (a REDO_REASONS key)
 
 
 class _MaskIndex:
@@ -296,6 +332,110 @@ class _MaskIndex:
         if found is None:
             raise BadInput(f"no mask map {stem}.* in {self.folder}", image_path, "missing mask")
         return found
+
+
+# ------------------------------------------------------------------------------------------ the record
+
+def _identity(path: Path) -> list[int]:
+    """What tells that an input changed: its size and modification time (ns)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _header_size(data: bytes | Path) -> list[int] | None:
+    """(width, height) from an image's header (not decoded); None when Pillow cannot identify it."""
+    from PIL import Image
+
+    from unmask_cli.fileio import RASTER_FORMATS
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data,
+                        formats=[f for f in RASTER_FORMATS if f in Image.OPEN]) as img:
+            return list(img.size)
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return None
+
+
+class OutputRecord:
+    """``OUT_DIR/.unmask-infer.json``: how each output was made, so a rerun keeps only what it would make
+    again. ``settings``: settings key -> the model's sha256 and the settings that change outputs;
+    ``outputs``: output name -> {settings key, the input's [size, mtime_ns], each file written for it
+    (``name``, ``masks/KEY.png``, ``compare/KEY.jpg``) -> [bytes, sha256], the output's header size}.
+
+    An entry is added only after its files are written (atomically), and the record itself is written
+    atomically, so a kill leaves at worst an output without an entry (then redone), never an entry for a
+    file that is not complete."""
+
+    def __init__(self, out_dir: Path, settings: dict):
+        self.path = out_dir / RECORD_FILE
+        self.out_dir = out_dir
+        self.settings = settings
+        self.key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        self.doc = self._read()
+        self.dirty = False
+        self.saved_at = time.monotonic()
+
+    def _read(self) -> dict:
+        empty = {"format": RECORD_FORMAT, "version": 1, "settings": {}, "outputs": {}}
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8", errors="surrogateescape"))
+        except (OSError, ValueError):  # none yet, or unreadable: every output there counts as unrecorded
+            return empty
+        if (not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT
+                or not isinstance(doc.get("settings"), dict) or not isinstance(doc.get("outputs"), dict)):
+            return empty
+        return doc
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.out_dir).as_posix()
+
+    def check(self, name: str, source: Path, targets: list[Path]) -> str | None:
+        """None when ``name``'s outputs are done (recorded with these settings for this input, each file
+        exactly as written); "todo" when there is nothing there to redo (no output yet, or a side output
+        asked for now); else the REDO_REASONS key of why the output there is redone."""
+        main = targets[0]
+        if not (main.exists() or main.is_symlink()):
+            return "todo"
+        entry = self.doc["outputs"].get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
+            return "unrecorded"
+        if entry.get("settings") != self.key:
+            return "changed settings"
+        try:
+            if entry.get("input") != _identity(source):
+                return "changed input"
+        except OSError:
+            return "changed input"
+        for target in targets:
+            written = entry["files"].get(self.rel(target))
+            if written is None or not (target.exists() or target.is_symlink()):
+                return "todo"  # a side output asked for now, or one removed since
+            if not target.is_file() or target.stat().st_size != written[0] or sha256_file(target) != written[1]:
+                return "corrupt"
+        if _header_size(main) != entry.get("size"):
+            return "corrupt"
+        return None
+
+    def add(self, name: str, identity: list[int], files: dict[Path, bytes]) -> None:
+        """Record the files just written for input ``name`` (the main output first)."""
+        self.doc["outputs"][name] = {
+            "settings": self.key, "input": identity,
+            "files": {self.rel(path): [len(data), hashlib.sha256(data).hexdigest()] for path, data in files.items()},
+            "size": _header_size(next(iter(files.values()))),
+        }
+        self.doc["settings"][self.key] = self.settings
+        self.dirty = True
+        if time.monotonic() - self.saved_at >= RECORD_SAVE_S:
+            self.save()
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        used = {entry.get("settings") for entry in self.doc["outputs"].values() if isinstance(entry, dict)}
+        self.doc["settings"] = {k: v for k, v in self.doc["settings"].items() if k in used}
+        atomic_write_text(self.path, json.dumps(self.doc, indent=0, sort_keys=True) + "\n")
+        self.dirty = False
+        self.saved_at = time.monotonic()
 
 
 # ------------------------------------------------------------------------------------------------- job
@@ -375,13 +515,14 @@ def resolve_checkpoint(cfg: InferConfig) -> Path:
     return resolve_model(cfg.checkpoint)
 
 
-def software_tag(checkpoint: Path) -> str:
+def software_tag(checkpoint: Path, image_size: int | None = None, global_step: int | None = None,
+                 sha256: str | None = None) -> str:
     """The EXIF Software value of an edited photo: unmask, its version and the model (a checkpoint by its
-    file name only: no local folders in shared photos)."""
+    file name only: no local folders in shared photos; a release file with what was loaded and verified)."""
     from unmask_cli import __version__
     from unmask_cli.release import describe
 
-    model = describe(checkpoint).replace(str(checkpoint), Path(checkpoint).name)
+    model = describe(checkpoint, image_size, global_step, sha256).replace(str(checkpoint), Path(checkpoint).name)
     return f"unmask {__version__} (face mask removed; model: {model})"
 
 
@@ -412,15 +553,17 @@ class InferJob:
         model = self._load_model(checkpoint)
         self.aligner = None if cfg.aligned else _aligner(cfg.landmarks or None, cfg.detector, model.alignment,
                                                           model.crop)
-        self.files = list_files(in_dir)
+        self.files = _inputs(in_dir, masks_dir)
         self.stems = Counter(p.stem for p in self.files if is_image_name(p))
         self.summary = InferSummary(
             in_dir=str(in_dir), out_dir=str(out_dir), checkpoint=str(checkpoint), device=self.net.describe(),
             mode="aligned" if cfg.aligned else "photos", mask_source="predicted" if self.masks is None else "supplied",
             detector=cfg.detector, alignment=model.alignment, image_size=self.size, weights=model.weights,
-            files=len(self.files), folded_bn=cfg.fold_bn)
-        self.software = software_tag(checkpoint)
+            files=len(self.files), folded_bn=cfg.fold_bn, global_step=model.global_step,
+            release_sha256=model.sha256)
+        self.software = software_tag(checkpoint, self.size, model.global_step, model.sha256)
         self._prepare_outputs()
+        self.record = OutputRecord(out_dir, self._settings(checkpoint, model.sha256))
         self.progress = progress
         self.task = progress.add_task("infer", total=len(self.files)) if progress is not None else None
         self.queue: list[_Face] = []  # faces waiting for a full batch
@@ -440,6 +583,15 @@ class InferJob:
                             self.cfg.threshold, self.cfg.fold_bn, self.cfg.min_mask_area)
         return model
 
+    def _settings(self, checkpoint: Path, verified_sha256: str | None) -> dict:
+        """What decides the outputs: the model (its sha256) and every setting that changes them."""
+        cfg = self.cfg
+        resolved = lambda value: str(Path(value).resolve()) if value else None  # noqa: E731
+        return {"model_sha256": verified_sha256 or sha256_file(checkpoint), "threshold": cfg.threshold,
+                "min_mask_area": cfg.min_mask_area, "masks": resolved(cfg.masks), "aligned": cfg.aligned,
+                "detector": cfg.detector, "all_faces": cfg.all_faces, "jpeg_quality": cfg.jpeg_quality,
+                "fold_bn": cfg.fold_bn, "landmarks": resolved(cfg.landmarks)}
+
     def _prepare_outputs(self) -> None:
         """Create OUT_DIR (and its side folders) and drop the temp files an interrupted run left there."""
         ensure_dir(self.out_dir)
@@ -451,9 +603,15 @@ class InferJob:
     # -------------------------------------------------------------------------------------------- run
 
     def run(self) -> InferSummary:
-        for path in self.files:
-            self.submit(path)
-        self.flush(1)
+        try:
+            for path in self.files:
+                self.submit(path)
+            self.flush(1)
+        except BaseException:  # Ctrl-C, a failed write ...: keep the record of what is done
+            with contextlib.suppress(UnmaskError):
+                self.record.save()
+            raise
+        self.record.save()
         summary = self.summary
         summary.skipped = dict(Counter(reason for _, reason, _ in summary.skipped_files))
         _write_skipped(self.out_dir, summary.skipped_files)
@@ -461,23 +619,32 @@ class InferJob:
         return summary
 
     def submit(self, path: Path) -> None:
-        """Take one file of IN_DIR: skip it, count it done, copy it through, or queue its faces."""
+        """Take one entry of IN_DIR: skip it, count it done, copy it through, or queue its faces."""
+        problem = entry_problem(path)  # a folder, a FIFO, a broken link: never opened
+        if problem is not None:
+            self.skip(path, problem)
+            return
         if not is_image_name(path):
             self.skip(path, BadInput("not an image (unsupported file extension)", path, "not an image"))
             return
         key = path.stem if self.stems[path.stem] == 1 else path.name
         targets = [p for p in self.out_paths(path, key) if p is not None]
-        if not self.cfg.overwrite and all(p.exists() for p in targets):  # done by an earlier run
+        why = None if self.cfg.overwrite else self.record.check(path.name, path, targets)
+        if why is None and not self.cfg.overwrite:  # done by an earlier run with this model and settings, intact
             self.summary.already_done += 1
             self.advance()
             return
         try:
-            item = self.load(path, key, targets[0])
+            identity = _identity(path)
+            item = self.load(path, key, targets[0], identity, why if why != "todo" else None)
         except BadInput as err:
             self.skip(path, err)
             return
         except MemoryError:
             self.skip(path, BadInput("out of memory while decoding", path, "too large"))
+            return
+        except OSError as err:  # removed or made unreadable between the listing and the read
+            self.skip(path, BadInput(f"cannot read file ({err.strerror or err})", path, "unreadable"))
             return
         if item is None:  # no face: already copied through
             return
@@ -504,11 +671,12 @@ class InferJob:
 
     # ------------------------------------------------------------------------------------------ load
 
-    def load(self, path: Path, key: str, output: Path) -> _Item | None:
+    def load(self, path: Path, key: str, output: Path, identity: list[int], redo: str | None = None) -> _Item | None:
         """Read one input and prepare its faces; None when it was copied through (no face)."""
         image = read_image(path)
         photo_map = read_mask(self.masks.find(path.stem, path), image.shape[:2]) if self.masks is not None else None
-        item = _Item(path=path, key=key, output=output, image=image, photo_map=photo_map)
+        item = _Item(path=path, key=key, output=output, image=image, photo_map=photo_map, identity=identity,
+                     redo=redo)
         if self.cfg.aligned:  # the file is the crop: one face, composited in place
             item.faces.append(self._face(item, image, photo_map, None))
             item.result, item.used_map = image, np.zeros(image.shape[:2], bool)
@@ -589,8 +757,10 @@ class InferJob:
             self.summary.unchanged += 1
             self.copy_through(item)
         else:
-            self.write_side(item, item.result, item.used_map)
-            _write(item.output, self.encode(item))  # last: it marks the file done
+            side = self.write_side(item, item.result, item.used_map)
+            data = self.encode(item)
+            _write(item.output, data)  # last, then recorded: it marks the file done
+            self.written(item, {item.output: data, **side})
             self.summary.processed += 1
             self.summary.faces += item.edited_faces
         item.faces.clear()
@@ -604,15 +774,40 @@ class InferJob:
         return encode_photo(item.result, item.image, photo, self.software, self.cfg.jpeg_quality)
 
     def copy_through(self, item: _Item) -> None:
-        self.write_side(item, item.image, np.zeros(item.image.shape[:2], bool))
-        _write(item.output, item.path.read_bytes())  # byte copy, last: its existence marks the file done
+        side = self.write_side(item, item.image, np.zeros(item.image.shape[:2], bool))
+        try:
+            data = item.path.read_bytes()
+        except OSError as err:
+            raise UnmaskError(f"cannot read the input again to copy it ({err.strerror or err})", item.path) from err
+        _write(item.output, data)  # byte copy, last, then recorded: it marks the file done
+        self.written(item, {item.output: data, **side})
 
-    def write_side(self, item: _Item, result: np.ndarray, used_map: np.ndarray) -> None:
+    def written(self, item: _Item, files: dict[Path, bytes]) -> None:
+        """Record an item's files (the output first), and count it as redone when it replaced one."""
+        self.record.add(item.path.name, item.identity, files)
+        if item.redo is not None:
+            name = "redone_" + item.redo.replace(" ", "_")
+            setattr(self.summary, name, getattr(self.summary, name) + 1)
+            self.summary.redone_files.append((item.path.name, item.redo))
+
+    def write_side(self, item: _Item, result: np.ndarray, used_map: np.ndarray) -> dict[Path, bytes]:
+        """Write the asked-for side outputs of an item; what was written, by path."""
         _, mask_out, compare_out = self.out_paths(item.path, item.key)
+        written = {}
         if mask_out is not None:
-            _write(mask_out, encode_image(used_map.astype(np.uint8) * 255, ".png"))
+            written[mask_out] = encode_image(used_map.astype(np.uint8) * 255, ".png")
         if compare_out is not None:
-            _write(compare_out, encode_image(np.concatenate([item.image, result], axis=1), ".jpg", JPEG_QUALITY))
+            written[compare_out] = encode_image(np.concatenate([item.image, result], axis=1), ".jpg", JPEG_QUALITY)
+        for path, data in written.items():
+            _write(path, data)
+        return written
+
+
+def _inputs(in_dir: Path, masks_dir: Path | None) -> list[Path]:
+    """Every visible entry of IN_DIR (files, and the sub-folders, FIFOs and broken links that are listed as
+    skipped), except the ``--masks`` folder when it is one of them."""
+    masks = masks_dir.resolve() if masks_dir is not None and masks_dir.exists() else None
+    return [p for p in list_entries(in_dir) if masks is None or not p.is_dir() or p.resolve() != masks]
 
 
 def _write_skipped(out_dir: Path, rows: list[tuple[str, str, str]]) -> None:
@@ -641,8 +836,11 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
     what = ("aligned face crops" if summary.mode == "aligned"
             else f"photos (detect with {DETECTOR_NAMES[summary.detector]}, {summary.alignment} alignment, paste back)")
     table.add_row("input", f"{summary.files} file(s), {what}")
+    if summary.files == 0:
+        table.add_row("[yellow]warning[/]", "[yellow]IN_DIR holds no files: nothing to do[/]")
     table.add_row("masks", "supplied (--masks)" if summary.mask_source == "supplied" else "predicted (map module)")
-    table.add_row("checkpoint", describe(summary.checkpoint))
+    table.add_row("checkpoint", describe(summary.checkpoint, summary.image_size, summary.global_step,
+                                         summary.release_sha256))
     table.add_row("model", f"{summary.image_size} px, {summary.weights}, {summary.device}")
     table.add_row("unmasked images", str(summary.processed))
     if summary.mode == "photos":
@@ -667,6 +865,15 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
         table.add_row("no masked face: copied", str(summary.unchanged))
     if summary.already_done:
         table.add_row("already done (skipped)", str(summary.already_done))
+    for reason, words in REDO_REASONS.items():
+        count = getattr(summary, "redone_" + reason.replace(" ", "_"))
+        if count:
+            table.add_row(f"[yellow]redone: {words}[/]", f"[yellow]{count}[/]")
+            named = [name for name, why in summary.redone_files if why == reason]
+            for name in named[:max_listed]:
+                table.add_row(f"  {name}", "")
+            if len(named) > max_listed:
+                table.add_row(f"  ... {len(named) - max_listed} more", "")
     for reason, count in sorted(summary.skipped.items()):
         table.add_row(f"[red]skipped: {reason}[/]", f"[red]{count}[/]")
     for name, reason, _ in summary.skipped_files[:max_listed]:
