@@ -321,7 +321,8 @@ def test_same_stem_in_two_formats(tmp_path, ckpts, aligner, astronaut):
     summary = run_infer(_cfg(ckpts["map_all"], aligned=True, save_masks=True, compare=True, device="cpu"),
                         inp, tmp_path / "out")
     assert summary.processed == 2
-    names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")
+                   if p.is_file() and not p.name.startswith("."))  # .unmask-infer.json: the rerun record
     assert names == ["compare/face.jpg.jpg", "compare/face.png.jpg", "face.jpg", "face.png",
                      "masks/face.jpg.png", "masks/face.png.png"]
 
@@ -576,7 +577,8 @@ def test_bad_files_no_face_and_mask_errors(tmp_path, ckpts, aligner, astronaut):
     assert summary.no_face_files == [("coffee.jpg", "no face")]
     assert (out / "coffee.jpg").read_bytes() == (inp / "coffee.jpg").read_bytes()
     assert (out / "compare" / "coffee.jpg").exists()
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["coffee.jpg", "good.png", "skipped.csv"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [".unmask-infer.json", "coffee.jpg", "good.png",
+                                                                    "skipped.csv"]
     assert "wrongsize.png,mask size mismatch" in (out / "skipped.csv").read_text()
     assert _hashes(inp) == before
 
@@ -662,3 +664,182 @@ def test_a_face_judged_without_a_mask_is_left_bit_identical(tmp_path, ckpts, ast
     console = Console(record=True, width=200)
     console.print(summary_table(summary))
     assert "faces without a mask (left untouched)" in console.export_text()
+
+
+# ------------------------------------------------------------------------------------------------ reruns
+
+def _rerun_inputs(inp: Path, aligner, astronaut, grace_hopper) -> dict[str, tuple[int, int]]:
+    """Three aligned crops (PNG, JPEG, GIF); their (height, width)."""
+    from PIL import Image
+
+    inp.mkdir()
+    a, _ = _aligned_crop(aligner, astronaut, 96)
+    b, _ = _aligned_crop(aligner, grace_hopper, 80)
+    _png(inp / "a.png", a)
+    _jpeg(inp / "b.jpg", b)
+    Image.fromarray(_aligned_crop(aligner, astronaut, 64)[0]).convert("P", palette=Image.Palette.ADAPTIVE).save(
+        inp / "c.gif")
+    return {"a.png": (96, 96), "b.jpg": (80, 80), "c.gif": (64, 64)}
+
+
+def _summary_text(summary) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=220)
+    console.print(summary_table(summary))
+    return console.export_text()
+
+
+def test_a_rerun_keeps_only_outputs_made_the_same_way_and_intact(tmp_path, ckpts, aligner, astronaut, grace_hopper):
+    """Issue 22 item 5: an output counts as done only when OUT_DIR's record says it was made by this model
+    with these settings from this input, and it is still exactly as written; otherwise it is redone, and
+    the summary says why."""
+    import json
+    import os
+
+    from unmask_cli.inference import RECORD_FILE
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    shapes = _rerun_inputs(inp, aligner, astronaut, grace_hopper)
+    run = lambda ckpt="map_all", **kw: run_infer(_cfg(ckpts[ckpt], aligned=True, device="cpu", **kw), inp, out)  # noqa: E731
+
+    first = run()
+    assert first.processed == 3 and first.redone == 0
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert set(record["outputs"]) == set(shapes) and len(record["settings"]) == 1
+    (settings,) = record["settings"].values()
+    assert settings["threshold"] == 0.5 and len(settings["model_sha256"]) == 64
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    again = run()
+    assert (again.already_done, again.processed, again.redone) == (3, 0, 0)
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten, the record included
+
+    # a zero-byte and a truncated output (a full disk, an interrupted copy by hand): redone
+    (out / "a.png").write_bytes(b"")
+    data = (out / "b.jpg").read_bytes()
+    (out / "b.jpg").write_bytes(data[: len(data) // 2])
+    fixed = run()
+    assert (fixed.redone_corrupt, fixed.processed, fixed.already_done) == (2, 2, 1)
+    assert sorted(fixed.redone_files) == [("a.png", "corrupt"), ("b.jpg", "corrupt")]
+    for name, shape in shapes.items():
+        assert read_image(out / name).shape[:2] == shape
+    text = _summary_text(fixed)
+    assert "redone: output corrupt or changed since written (zero-byte, truncated, edited)" in text
+    assert "a.png" in text and "b.jpg" in text
+
+    # another threshold, another checkpoint: every output is made again, not kept silently
+    other = run(threshold=0.4)
+    assert (other.redone_changed_settings, other.already_done) == (3, 0)
+    assert "redone: made with another model or other settings" in _summary_text(other)
+    assert run(threshold=0.4).already_done == 3
+    plain = run("plain", threshold=0.4)
+    assert (plain.redone_changed_settings, plain.already_done) == (3, 0)
+
+    # an input replaced since: its output is redone
+    stat = (inp / "a.png").stat()
+    os.utime(inp / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed = run("plain", threshold=0.4)
+    assert (changed.redone_changed_input, changed.already_done) == (1, 2)
+
+    # no record (an older unmask wrote them, or a kill came before the record was saved): never trusted
+    (out / RECORD_FILE).unlink()
+    unrecorded = run("plain", threshold=0.4)
+    assert (unrecorded.redone_unrecorded, unrecorded.already_done) == (3, 0)
+
+    # --overwrite redoes everything, counted as work, not as repairs
+    forced = run("plain", threshold=0.4, overwrite=True)
+    assert forced.already_done == 0 and forced.redone == 0 and forced.handled == 3
+
+
+def test_an_output_replaced_before_its_record_was_saved_is_redone(tmp_path, ckpts, aligner, astronaut, grace_hopper,
+                                                                   monkeypatch):
+    """A kill after a rerun with other settings replaced an output but before the record was saved: the
+    record still names the old settings and the old bytes, so the next run redoes that output."""
+    from unmask_cli.inference import OutputRecord
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _rerun_inputs(inp, aligner, astronaut, grace_hopper)
+    cfg = lambda **kw: _cfg(ckpts["map_all"], aligned=True, device="cpu", **kw)  # noqa: E731
+    assert run_infer(cfg(), inp, out).processed == 3
+    with monkeypatch.context() as patch:
+        patch.setattr(OutputRecord, "save", lambda self: None)  # killed: the record is never saved
+        assert run_infer(cfg(jpeg_quality=40), inp, out).redone_changed_settings == 3
+    again = run_infer(cfg(), inp, out)
+    # the PNG and GIF outputs do not depend on the JPEG quality (the same bytes: rightly done); the JPEG does
+    assert again.redone_files == [("b.jpg", "corrupt")] and again.already_done == 2
+
+
+def test_a_gif_is_read_like_prepare_reads_it_and_written_as_a_gif(tmp_path, ckpts, aligner, astronaut):
+    """Issue 22 item 6.5: infer reads a GIF's first frame (as prepare does) and writes a one-frame GIF in
+    the input's palette: pixels away from the mask keep their palette index."""
+    from PIL import Image
+
+    crop, lm = _aligned_crop(aligner, astronaut, 96)
+    masked, mask = _draw_masks(crop, [_mask_polygon(lm)])
+    inp, maps, out = tmp_path / "in", tmp_path / "maps", tmp_path / "out"
+    inp.mkdir()
+    maps.mkdir()
+    frames = [Image.fromarray(masked).convert("P", palette=Image.Palette.ADAPTIVE),
+              Image.fromarray(crop).convert("P", palette=Image.Palette.ADAPTIVE)]
+    frames[0].save(inp / "face.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    _png(maps / "face.png", mask)
+    summary = run_infer(_cfg(ckpts["plain"], masks=maps, aligned=True, device="cpu"), inp, out)
+    assert summary.processed == 1 and not summary.skipped_files
+    with Image.open(inp / "face.gif") as img:
+        before = np.asarray(img).copy()
+    with Image.open(out / "face.gif") as img:
+        assert (img.format, img.mode, img.size, getattr(img, "n_frames", 1)) == ("GIF", "P", (96, 96), 1)
+        after = np.asarray(img).copy()
+    outside, inside = _far_from(mask > 0, 0.5), _poly_region(mask.shape, _mask_polygon(lm))
+    assert np.array_equal(after[outside], before[outside])
+    assert (read_image(out / "face.gif")[inside] != read_image(inp / "face.gif")[inside]).any(axis=1).mean() > 0.9
+
+
+def test_the_summary_describes_the_loaded_release_not_its_sidecar(tmp_path, ckpts, aligner, astronaut):
+    """Issue 22 item 6.3: the model line shows the sha256 that was verified and the image size of the
+    loaded network; numbers edited into the sidecar (which its sha256 does not cover) are not shown."""
+    import json
+
+    from PIL import Image
+
+    from unmask_cli.export import export_release
+
+    release, sidecar = export_release(ckpts["map_all"], tmp_path / "model" / "mine.pt")
+    side = release.with_suffix(".json")
+    doc = json.loads(side.read_text())
+    doc.update(image_size=999, global_step=424242)
+    side.write_text(json.dumps(doc))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "face.png", _aligned_crop(aligner, astronaut, 64)[0])
+    summary = run_infer(_cfg(release, aligned=True, device="cpu"), inp, tmp_path / "out")
+    text = _summary_text(summary)
+    assert f"release file {release} (64 px, 1 steps, sha256 {sidecar['sha256'][:12]} verified)" in text
+    assert "999" not in text and "424242" not in text
+    with Image.open(tmp_path / "out" / "face.png") as img:
+        software = img.getexif()[0x0131]
+    assert f"release file mine.pt (64 px, 1 steps, sha256 {sidecar['sha256'][:12]} verified)" in software
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, ckpts, aligner, astronaut):
+    """Issue 22 item 6.10: NaN weights would paste black patches counted as faces unmasked."""
+    import dataclasses
+
+    from unmask_cli.checkpoints import Checkpoint
+
+    ckpt = Checkpoint.load(ckpts["map_all"])
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "face.png", _aligned_crop(aligner, astronaut, 64)[0])
+    for net, value, words in (("G", float("nan"), "the generator"), ("M", float("inf"), "the map module")):
+        state = dict(ckpt.networks[net])
+        name = next(k for k, v in state.items() if v.is_floating_point() and k.endswith("weight"))
+        state[name] = state[name].clone()
+        state[name].view(-1)[3] = value
+        path = dataclasses.replace(ckpt, networks={**ckpt.networks, net: state}).save(tmp_path / f"{net}.pt")
+        with pytest.raises(UnmaskError) as info:
+            run_infer(_cfg(path, aligned=True, device="cpu"), inp, tmp_path / "out")
+        assert str(info.value).startswith(f"{path}: checkpoint holds non-finite weights (NaN or infinity) in "
+                                          f"{words}: 1 tensor(s), the first {name}")
+    assert not (tmp_path / "out").exists()
