@@ -115,6 +115,17 @@ def huge_jpeg(face: np.ndarray, side: int = 8000, scale: int = 4) -> bytes:
     return buffer.tobytes()
 
 
+def animated_gif(rgb: np.ndarray, frames: int = 3) -> bytes:
+    """An animated GIF (adaptive palette) whose first frame is the photo, then darker copies of it."""
+    from PIL import Image
+
+    images = [Image.fromarray((rgb * (1 - 0.2 * i)).astype(np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+              for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, "GIF", save_all=True, append_images=images[1:], duration=200, loop=0)
+    return buffer.getvalue()
+
+
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 

@@ -14,9 +14,12 @@ faces throughout: scikit-image's astronaut and matplotlib's Grace Hopper, plus .
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ import torch
 from badfiles import (
     EPS,
     SVG,
+    animated_gif,
     bomb_png,
     cold_cli,
     evil_checkpoint,
@@ -123,6 +127,20 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     out["legacy_alignment"] = _save_ckpt(root / "legacy.pt", alignment=None)
     # a checkpoint from a newer unmask with an alignment this one does not know
     out["future_alignment"] = _save_ckpt(root / "future.pt", alignment="landmarks-3d")
+    # an unmask-looking file without a format version (hand-made or edited)
+    raw = torch.load(plain, weights_only=True)
+    torch.save({k: v for k, v in raw.items() if k != "version"}, root / "no_version.pt")
+    out["no_version"] = root / "no_version.pt"
+    # a diverged run: NaN in the generator's weights (it would paste black patches)
+    nan_g = dict(raw["networks"]["G"])
+    first = next(k for k, v in nan_g.items() if v.is_floating_point())
+    nan_g[first] = torch.full_like(nan_g[first], float("nan"))
+    out["nan_weights"] = _save_ckpt(root / "nan.pt", networks={"G": nan_g})
+    # a release file cut short (an interrupted download), its sidecar still beside it
+    from unmask_cli.export import export_release
+
+    release, _ = export_release(plain, root / "release" / "model.pt")
+    out["truncated_release"] = write(release, half(release.read_bytes()))
     return out
 
 
@@ -154,6 +172,10 @@ def _prepare_sources(folder: Path, astronaut, grace_hopper, face_tile, exif_upri
         write(folder / name, data)
     (folder / "folder.jpg").mkdir()  # a directory with an image name
     (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")  # a broken link
+    (folder / "album").mkdir()  # a sub-folder with a photo in it (not read without --recursive)
+    write(folder / "album" / "inside.jpg", astro_jpg)
+    os.mkfifo(folder / "stream.jpg")  # a named pipe: opening it for reading would block forever
+    write(folder / "anim.gif", animated_gif(face_tile))  # prepare and infer read its first frame
     return folder
 
 
@@ -181,6 +203,9 @@ PREPARE_EXPECT = {
     "crowd.jpg": ("ok",),
     "folder.jpg": ("skip", {"folder"}),
     "dangling.jpg": ("skip", {"broken link"}),
+    "album": ("skip", {"folder"}),
+    "stream.jpg": ("skip", {"not a regular file"}),
+    "anim.gif": ("ok",),
 }
 INFER_EXPECT = {
     **PREPARE_EXPECT,
@@ -353,10 +378,14 @@ def test_infer_batch_summary(inferred, sources):
     listed = {n for n, e in INFER_EXPECT.items() if e[0] == "skip"}
     assert set(rows) == listed
     written = {n for n, e in INFER_EXPECT.items() if e[0] in ("ok", "copy")}
-    assert {p.name for p in out.iterdir() if p.is_file()} == written | {"skipped.csv"}
+    assert {p.name for p in out.iterdir() if p.is_file()} == written | {"skipped.csv", ".unmask-infer.json"}
     assert leftovers(out) == []
-    for name in listed | {n for n, e in INFER_EXPECT.items() if e[0] == "copy"}:
-        assert f"│   {name} " in result.stdout  # the summary table names every skipped / copied file
+    for name in {n for n, e in INFER_EXPECT.items() if e[0] == "copy"}:
+        assert f"│   {name} " in result.stdout  # the summary table names every copied file
+    shown = [name for name in listed if f"│   {name} " in result.stdout]  # and the first 10 skipped ones
+    assert len(shown) == min(10, len(listed))
+    if len(listed) > 10:
+        assert f"... {len(listed) - 10} more" in result.stdout
 
 
 @pytest.mark.parametrize("name", [n for n, e in INFER_EXPECT.items() if e[0] == "skip"])
@@ -472,7 +501,7 @@ def test_infer_bad_mask_maps(cli, tmp_path, ckpts, masked_astronaut):
     assert rows["soft.png"]["detail"].startswith(f"{maps / 'soft.png'}: mask map is not binary")
     assert rows["nomap.png"]["detail"] == f"{inp / 'nomap.png'}: no mask map nomap.* in {maps}"
     assert rows["textmap.png"]["detail"].startswith(f"{maps / 'textmap.png'}: ")
-    assert sorted(p.name for p in out.iterdir()) == ["emptymap.png", "good.png", "skipped.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".unmask-infer.json", "emptymap.png", "good.png", "skipped.csv"]
     # an empty map: no mask to locate the (masked, undetectable) face from, so the photo is copied
     assert (out / "emptymap.png").read_bytes() == (inp / "emptymap.png").read_bytes()
     assert "│   emptymap.png " in result.stdout and "located from the mask map" in result.stdout
@@ -600,6 +629,9 @@ CKPT_MESSAGES = {
     "size_mismatch": "checkpoint does not match the network 'G'",
     "other_model": "checkpoint does not match the network 'G'",
     "future_alignment": "checkpoint was trained on faces aligned with 'landmarks-3d', which this unmask does not know",
+    "no_version": "checkpoint has no format version (its 'version' entry is missing)",
+    "nan_weights": "checkpoint holds non-finite weights (NaN or infinity) in the generator: ",
+    "truncated_release": "release file is truncated or damaged: ",
 }
 
 
@@ -619,6 +651,11 @@ def _run_with_checkpoint(cli, command: str, ckpt: Path, tmp_path: Path, data: Pa
 def test_bad_checkpoint_infer_eval(cli, ckpts, prepared, tmp_path, command, kind):
     line = _run_with_checkpoint(cli, command, ckpts[kind], tmp_path, prepared[1]).error_line()
     assert line.startswith(f"error: {ckpts[kind]}: ") and CKPT_MESSAGES[kind] in line
+    assert "If you are seeing this error" not in line and len(line) < 300  # torch's advice cut mid-sentence
+    if kind == "truncated_release":  # a whole sentence: what is wrong, the sizes, what to do
+        size = ckpts[kind].stat().st_size
+        whole = json.loads(ckpts[kind].with_suffix(".json").read_text())["bytes"]
+        assert line.endswith(f"{size:,} bytes on disk, {whole:,} in model.json; reinstall or re-export it"), line
     assert not (tmp_path / "out").exists()
 
 
@@ -665,11 +702,26 @@ def test_bad_train_init_is_one_line(cli, ckpts, prepared, tmp_path, case):
     assert not list(tmp_path.rglob("runs/**/*.pt"))
 
 
-@pytest.mark.parametrize("value", ["1.5", "-0.1"])
-def test_bad_min_mask_area_is_one_line_exit_2(cli, tmp_path, value):
+BAD_OPTIONS = {  # infer option, value, the one line (exit 2): the option, the rule and the value given
+    "min-mask-area 1.5": ("--min-mask-area", "1.5", "infer.min_mask_area must be in [0, 1), got 1.5"),
+    "min-mask-area -0.1": ("--min-mask-area", "-0.1", "infer.min_mask_area must be in [0, 1), got -0.1"),
+    "threshold 1.5": ("--threshold", "1.5", "infer.threshold must be in (0, 1), got 1.5"),
+    "threshold 0": ("--threshold", "0", "infer.threshold must be in (0, 1), got 0.0"),
+    "batch-size 0": ("--batch-size", "0", "infer.batch_size must be >= 1, got 0"),
+    "jpeg-quality 101": ("--jpeg-quality", "101", "infer.jpeg_quality must be in [1, 100] (null = matched to the "
+                                                  "input), got 101"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_option_value_is_one_line_naming_it_exit_2(cli, tmp_path, case):
+    option, value, message = BAD_OPTIONS[case]
     (tmp_path / "in").mkdir()
-    line = cli("infer", tmp_path / "in", tmp_path / "out", "--min-mask-area", value).error_line(code=2)
-    assert "min-mask-area" in line or "min_mask_area" in line
+    line = cli("infer", tmp_path / "in", tmp_path / "out", option, value).error_line(code=2)
+    assert line == f"error: {option}: {message}"
+    line = cli("infer", tmp_path / "in", tmp_path / "out", "--set", f"infer.{option[2:].replace('-', '_')}={value}"
+               ).error_line(code=2)
+    assert line == f"error: --set infer.{option[2:].replace('-', '_')}={value}: {message}"
     assert not (tmp_path / "out").exists()
 
 
@@ -853,6 +905,89 @@ def test_full_disk_is_one_line(cli, writer_inputs, tmp_path, command):
     line = _run_writer(cli, command, out, writer_inputs, fsize=4000).error_line()
     assert line.startswith(f"error: {out}/") and "(File too large)" in line
     assert leftovers(out) == []
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", WRITE_COMMANDS)
+def test_full_disk_keeps_the_previous_files(cli, writer_inputs, tmp_path, command):
+    """Issue 22 item 3: a rerun into a folder that holds a previous run's results, with the file-size limit
+    of a full disk: one line naming the file that could not be written and why, and that file (and every
+    other one written before) is still the previous, complete one."""
+    from unmask_cli.checkpoints import Checkpoint
+
+    out = tmp_path / "out"
+    _run_writer(cli, command, out, writer_inputs).ok()
+    before = _hashes(out)
+    if command == "prepare":  # two more samples
+        result = cli("prepare", "--source", writer_inputs["src"], "--out", out, "--num-samples", "4", "--size",
+                     str(SIZE), fsize=4000)
+    elif command == "train":  # one more epoch; the limit lets the small files through, not the checkpoint
+        result = cli("train", "-c", QUICK, "--data", writer_inputs["data"], "--runs", out, "--name", "r", "--device",
+                     "cpu", *TINY_NETS, "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=1",
+                     fsize=(out / "r" / "last.pt").stat().st_size // 2)
+    elif command == "infer":  # made again
+        result = cli("infer", writer_inputs["src"], out, "--checkpoint", writer_inputs["ckpt"], "--device", "cpu",
+                     "--overwrite", fsize=4000)
+    else:
+        result = _run_writer(cli, command, out, writer_inputs, fsize=4000)
+    line = result.error_line()
+    assert line.startswith(f"error: {out}/") and line.endswith("(File too large)"), line
+    failed = Path(line[len("error: "):].split(": ", 1)[0])
+    name = str(failed.relative_to(out))
+    if name in before:  # the file it could not replace is the previous one, byte for byte
+        assert hashlib.sha256(failed.read_bytes()).hexdigest() == before[name]
+    assert leftovers(out) == []
+    after = _hashes(out)
+    assert set(before) <= set(after)
+    for rel in before:  # every file is still complete: the previous one, or a whole new one
+        if rel.endswith(".png") or rel.endswith(".jpg"):
+            read_image(out / rel)
+        elif rel.endswith(".json"):
+            json.loads((out / rel).read_text())
+    if command == "train":
+        assert name == "r/last.pt" and Checkpoint.load(out / "r" / "last.pt").epoch == 1
+    if command == "prepare":
+        assert len(read_manifest(out)) == 2 and after["manifest.jsonl"] == before["manifest.jsonl"]
+    if command == "infer":
+        assert name == "astronaut.jpg"
+
+
+def test_infer_on_an_empty_folder_warns_and_succeeds(cli, tmp_path, ckpts):
+    """Issue 22 item 6.7: nothing failed (exit 0), but the summary says there was nothing to do."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / ".hidden.jpg").write_bytes(b"not shown")
+    result = cli("infer", tmp_path / "in", tmp_path / "out", "--checkpoint", ckpts["plain"], "--device", "cpu").ok()
+    assert "IN_DIR holds no files: nothing to do" in result.stdout and "0 file(s)" in result.stdout
+
+
+def test_ctrl_c_during_infer_is_one_line_and_a_rerun_finishes(cli, tmp_path, face_tile, ckpts):
+    """Issue 22 item 6.9: SIGINT once the progress has started (outputs are being written): one
+    'interrupted' line, exit 130, no partial file; the rerun keeps what was done and does the rest."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    count = 40
+    for i in range(count):
+        write(src / f"p{i:02d}.jpg", jpeg_bytes(face_tile, quality=80 + i % 10))
+    running = cli.start("infer", src, out, "--checkpoint", ckpts["plain"], "--device", "cpu")
+    deadline = time.monotonic() + 240
+    while not list(out.glob("p*.jpg")) and running.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(running.pid, signal.SIGINT)
+    result = running.wait()
+    assert result.code == 130 and result.err_lines == ["interrupted"], result.describe()
+    assert leftovers(out) == []
+    done = sorted(p.name for p in out.glob("p*.jpg"))
+    assert 0 < len(done) < count, "the run ended before the interrupt: give it more photos"
+    again = cli("infer", src, out, "--checkpoint", ckpts["plain"], "--device", "cpu").ok()
+    assert sorted(p.name for p in out.glob("p*.jpg")) == [f"p{i:02d}.jpg" for i in range(count)]
+    # the outputs written before the interrupt were recorded then: kept, not redone
+    assert f"already done (skipped) │ {len(done)} │" in " ".join(again.stdout.split()), again.stdout
+    for i in range(count):
+        assert read_image(out / f"p{i:02d}.jpg").shape == face_tile.shape
 
 
 # ------------------------------------------------------------------------------------ shared photos
