@@ -250,10 +250,32 @@ def test_shared_faces_group_photos(tmp_path, shared_faces):
 
 
 def test_cli_preview_sheet(tmp_path):
-    sheet = tmp_path / "sheet.png"
+    sheet = tmp_path / "missing" / "folder" / "sheet.png"  # folders that do not exist yet are made
     result = _cli("prepare", "--out", str(sheet), "--preview", "4", "--size", "64", "--mask-types", "surgical,n95")
     assert result.returncode == 0, result.stderr
     image = read_image(sheet)
     assert image.shape[0] >= 2 * 64 and image.shape[1] >= 6 * 64  # 4 triplets, two per row
     bad = _cli("prepare", "--out", str(tmp_path / "sheet.jpg"), "--preview", "4")
     assert bad.returncode == 1 and "must be a .png" in bad.stderr
+
+
+def test_a_failed_append_is_one_line_and_cuts_the_file_back(tmp_path):
+    """A full disk (here a file-size limit: writes past it fail with EFBIG) in the middle of appending to
+    manifest.jsonl or skipped.csv: one line naming the file and the reason, and the file is left with its
+    previous bytes (no partial line)."""
+    import resource
+
+    path = tmp_path / "manifest.jsonl"
+    path.write_bytes(b'{"stem": "000000"}\n' * 10)
+    before = path.read_bytes()
+    code = ("import sys; from pathlib import Path; from unmask_cli.data import append_or_restore\n"
+            "try:\n    append_or_restore(Path(sys.argv[1]), b'{\"stem\": \"000010\"}' * 60 + b'\\n')\n"
+            "except Exception as err:\n    print(err)")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 200, len(before) + 200))
+
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, preexec_fn=limit,
+                         timeout=120)
+    assert run.stdout.strip() == f"{path}: cannot write (File too large)", run.stdout + run.stderr
+    assert path.read_bytes() == before
