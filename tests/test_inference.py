@@ -843,3 +843,23 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, ckpts, aligne
         assert str(info.value).startswith(f"{path}: checkpoint holds non-finite weights (NaN or infinity) in "
                                           f"{words}: 1 tensor(s), the first {name}")
     assert not (tmp_path / "out").exists()
+
+
+def test_entries_that_are_not_files_are_listed_but_not_the_masks_folder(tmp_path, ckpts, aligner, astronaut):
+    """Issue 22 item 6.6: a sub-folder and a FIFO of IN_DIR are listed as skipped with what they are (never
+    opened: reading a FIFO would block); the --masks folder inside IN_DIR is an input of its own, not listed."""
+    import os
+
+    crop, lm = _aligned_crop(aligner, astronaut, 64)
+    masked, mask = _draw_masks(crop, [_mask_polygon(lm)])
+    inp = tmp_path / "in"
+    (inp / "masks").mkdir(parents=True)
+    (inp / "old").mkdir()
+    os.mkfifo(inp / "pipe.png")
+    _png(inp / "face.png", masked)
+    _png(inp / "masks" / "face.png", mask)
+    summary = run_infer(_cfg(ckpts["plain"], masks=inp / "masks", aligned=True, device="cpu"), inp, tmp_path / "out")
+    assert summary.processed == 1 and summary.files == 3
+    assert [(name, reason) for name, reason, _ in summary.skipped_files] == [("old", "folder"),
+                                                                            ("pipe.png", "not a regular file")]
+    assert "old,folder," in (tmp_path / "out" / "skipped.csv").read_text()
