@@ -279,3 +279,30 @@ def test_a_failed_append_is_one_line_and_cuts_the_file_back(tmp_path):
                          timeout=120)
     assert run.stdout.strip() == f"{path}: cannot write (File too large)", run.stdout + run.stderr
     assert path.read_bytes() == before
+
+
+def test_degraded_samples_keep_the_pair_rule_and_record_the_chain(tmp_path, source_dir, astronaut):
+    """prepare.degrade: the face and its masked copy get the same downscale/blur/noise/JPEG chain, and
+    they stay equal outside the map; the chain is recorded; the masks themselves are the undegraded run's."""
+    from unmask_cli.degrade import degrade_pair
+
+    mask = np.zeros(astronaut.shape[:2], bool)
+    mask[300:420, 180:330] = True
+    masked = astronaut.copy()
+    masked[mask] = (40, 90, 210)
+    scene, out, ops = degrade_pair(astronaut, masked, mask, np.random.default_rng(3))
+    assert np.array_equal(out[~mask], scene[~mask]) and not np.array_equal(scene, astronaut)
+    again = degrade_pair(astronaut, masked, mask, np.random.default_rng(3))
+    assert np.array_equal(again[0], scene) and again[2] == ops
+
+    plain, degraded = tmp_path / "plain", tmp_path / "degraded"
+    run_prepare(PrepareConfig(source=str(source_dir), num_samples=4, size=96, mask_types="surgical"), plain)
+    run_prepare(PrepareConfig(source=str(source_dir), num_samples=4, size=96, mask_types="surgical",
+                              degrade=1.0), degraded)
+    records = check_dataset(degraded, 4, 96)
+    assert all("degraded" in r["mask"] for r in records)
+    for stem in ("000000", "000001"):
+        assert np.array_equal(read_mask(plain / MASK_DIR / f"{stem}.png", (96, 96)),
+                              read_mask(degraded / MASK_DIR / f"{stem}.png", (96, 96)))
+        assert not np.array_equal(read_image(plain / ORIGINAL_DIR / f"{stem}.png"),
+                                  read_image(degraded / ORIGINAL_DIR / f"{stem}.png"))

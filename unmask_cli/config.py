@@ -45,6 +45,9 @@ class PrepareConfig:
     mask_types: str = "rect,oval"  # comma list, optional weights: "surgical:3,cloth:2,freeform,bare"
     # every style's outline and look varied at random (unmask_cli.masks.variety); off = the designs as drawn
     mask_variety: bool = False
+    # share of samples whose face and masked copy get one random chain of photo degradations (downscale,
+    # blur, noise, JPEG; unmask_cli.degrade), so the map module does not learn the crispness of synthetic masks
+    degrade: float = 0.0
     all_faces: bool = False  # every detected face instead of the largest
     min_face: int = 32  # smallest usable face box (px, in the source photo)
     upsample: int = 1  # dlib detector upsampling (hog, cnn)
@@ -278,6 +281,7 @@ def _validate(cfg: Config, where: str, sources: dict[str, str] | None = None) ->
         (("prepare.alignment",), cfg.prepare.alignment in ALIGNMENTS,
          f"prepare.alignment must be one of {', '.join(ALIGNMENTS)}"),
         (("prepare.crop",), CROPS[0] <= cfg.prepare.crop <= CROPS[1], f"prepare.crop must be in [{CROPS[0]}, {CROPS[1]}]"),
+        (("prepare.degrade",), 0 <= cfg.prepare.degrade <= 1, "prepare.degrade must be in [0, 1]"),
         (("prepare.val_fraction", "prepare.test_fraction"),
          0 <= cfg.prepare.val_fraction < 1 and 0 <= cfg.prepare.test_fraction < 1
          and cfg.prepare.val_fraction + cfg.prepare.test_fraction < 1,

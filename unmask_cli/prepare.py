@@ -74,7 +74,8 @@ _WORKER: dict = {}
 
 
 def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face: int, detector: str,
-                 alignment: str, crop: float, weights, variety: bool, parent_dies: bool) -> None:
+                 alignment: str, crop: float, weights, variety: bool, parent_dies: bool,
+                 degrade: float = 0.0) -> None:
     import cv2
 
     cv2.setNumThreads(1)
@@ -99,6 +100,7 @@ def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face:
         _WORKER["aligner_settings"] = settings
     _WORKER["weights"] = weights
     _WORKER["variety"] = variety
+    _WORKER["degrade"] = degrade
 
 
 def _mask_rng(seed: int, key: str, face_index: int, round_: int) -> np.random.Generator:
@@ -118,10 +120,13 @@ def _render(aligned_rgb: np.ndarray, aligned_lm: np.ndarray, seed: int, key: str
     result = synthesize(aligned_rgb, aligned_lm, _WORKER["weights"], _mask_rng(seed, key, face_index, round_),
                         _WORKER["variety"])
     scene = aligned_rgb if result.scene is None else result.scene  # a look-alike is part of the face
-    return (
-        _png(scene), _png(result.masked), _png(result.mask.astype(np.uint8) * 255),
-        {"style": result.style, **result.params},
-    )
+    masked, params = result.masked, {"style": result.style, **result.params}
+    quality = _mask_rng(seed, key, face_index, round_ + 10**6)  # its own stream: the masks stay as they were
+    if _WORKER["degrade"] > 0 and quality.random() < _WORKER["degrade"]:
+        from unmask_cli.degrade import degrade_pair
+
+        scene, masked, params["degraded"] = degrade_pair(scene, masked, result.mask, quality)
+    return _png(scene), _png(masked), _png(result.mask.astype(np.uint8) * 255), params
 
 
 def _load_source(key: str, path: str | None) -> np.ndarray:
@@ -215,7 +220,7 @@ def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
 
 def _settings(opts: PrepareConfig) -> dict:
     return {"size": opts.size, "seed": opts.seed, "mask_types": opts.mask_types,
-            "mask_variety": opts.mask_variety, "all_faces": opts.all_faces,
+            "mask_variety": opts.mask_variety, "degrade": opts.degrade, "all_faces": opts.all_faces,
             "alignment": opts.alignment, "crop": opts.crop, "detector": opts.detector,
             "source": str(Path(opts.source).resolve()) if opts.source else "builtin",
             "val_fraction": opts.val_fraction,
@@ -236,7 +241,9 @@ def _check_resume(root: Path, opts: PrepareConfig, have: int) -> None:
     old.setdefault("alignment", LEGACY_ALIGNMENT)  # folders from before the alignment was recorded
     old.setdefault("crop", LEGACY_CROP)
     old.setdefault("mask_variety", False)
-    changed = [k for k in ("size", "seed", "mask_types", "mask_variety", "all_faces", "source", "alignment", "crop")
+    old.setdefault("degrade", 0.0)
+    changed = [k for k in ("size", "seed", "mask_types", "mask_variety", "degrade", "all_faces", "source",
+                           "alignment", "crop")
                if k in old and old[k] != new[k]]
     if changed:
         detail = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
@@ -267,10 +274,10 @@ class _Pool:
         if workers > 1:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
             if method == "fork":  # load dlib models once; children share them copy-on-write
-                _init_worker(*initargs[:-1], False)
+                _init_worker(*initargs[:-2], False, initargs[-1])
             self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, initargs)
         else:
-            _init_worker(*initargs[:-1], False)
+            _init_worker(*initargs[:-2], False, initargs[-1])
 
     def imap(self, fn, tasks):
         if self.pool is None:
@@ -368,7 +375,7 @@ def run_prepare(pc: PrepareConfig, out: str | os.PathLike, progress=None) -> Pre
     done = {r["source"] for r in writer.records}
     pending = [(k, p) for k, p in items if k not in done and k not in writer.skipped]
     pool = _Pool(pc.workers, (pc.size, pc.landmarks, pc.upsample, pc.min_face, pc.detector, pc.alignment,
-                              pc.crop, weights, pc.mask_variety, True))
+                              pc.crop, weights, pc.mask_variety, True, pc.degrade))
     try:
         if not writer.full and pending:
             for result in pool.imap(_process_source, ((k, p, pc.seed, pc.all_faces) for k, p in pending)):
