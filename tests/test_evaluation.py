@@ -352,3 +352,21 @@ def test_broken_checkpoint_is_a_one_line_error(kind: str, checkpoint: Path, data
     assert "\n" not in message and message.startswith(str(bad))
     assert ("not found" if kind == "missing" else "checkpoint") in message
     assert not (tmp_path / "out").exists()
+
+
+def test_faces_without_a_mask_are_not_scored(checkpoint: Path, tmp_path: Path):
+    """Bare faces and look-alikes have nothing to fill (every method would score 100 dB on them): eval
+    leaves them out and says how many."""
+    from unmask_cli.config import PrepareConfig
+    from unmask_cli.prepare import run_prepare
+
+    data = tmp_path / "mixed"
+    run_prepare(PrepareConfig(num_samples=8, size=SIZE, mask_types="rect,bare", val_fraction=0,
+                              test_fraction=0, seed=1), data)
+    styles = [json.loads(line)["mask"]["style"] for line in (data / "manifest.jsonl").read_text().splitlines()]
+    bare = styles.count("bare")
+    assert 0 < bare < len(styles)
+    report = evaluate(checkpoint, data, split="all", out=tmp_path / "out", device="cpu", sheet_images=0,
+                      baselines="telea,masked")
+    assert report.n_images == len(styles) - bare and f"{bare} faces without a mask" in report.note
+    assert all(row["mask_fraction"] > 0 for row in report.per_image)

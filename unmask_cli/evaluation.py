@@ -225,7 +225,9 @@ def run_eval(cfg: EvalConfig, progress=None) -> EvalReport:
     workers = job.face_workers()
     with FaceScorePool(workers) as faces, job.torch_threads(workers):
         for batch in job.batches(progress):
-            job.score_batch(batch, faces)
+            batch = job.with_masks(batch)
+            if batch is not None:
+                job.score_batch(batch, faces)
         job.finish_rows(0)
     report = job.report()
     report.files = job.write_outputs(report)
@@ -308,6 +310,7 @@ class EvalJob:
         if self.cfg.max_images:
             self.dataset.stems = self.dataset.stems[: self.cfg.max_images]
         self.n_total = len(self.dataset.stems)
+        self.n_no_mask = 0  # faces without a mask (empty map): not scored
         out = self.cfg.out
         # the shipped model lives inside the package: its reports go under runs/ in the working folder
         default = Path("runs") / f"eval_shipped_{self.split}" if self.shipped else self.checkpoint.parent / f"eval_{self.split}"
@@ -409,6 +412,27 @@ class EvalJob:
         with torch.no_grad():
             return feature_maps(self.features, images.to(device=param.device, dtype=param.dtype), self.layers)
 
+    def with_masks(self, batch: dict) -> dict | None:
+        """The batch without its faces that wear no mask (bare faces and look-alikes of ``prepare``: an
+        empty map, nothing to fill, every method scores perfectly on them); counted in the report's note."""
+        keep = batch["mask"].flatten(1).amax(1) > 0.5
+        dropped = int((~keep).sum())
+        if dropped == 0:
+            return batch
+        self.n_no_mask += dropped
+        if dropped == len(keep):
+            return None
+        index = keep.nonzero()[:, 0].tolist()
+
+        def subset(value):  # per-image entries only ("errors" lists the unreadable samples, not per image)
+            if isinstance(value, torch.Tensor) and len(value) == len(keep):
+                return value[keep]
+            if isinstance(value, list) and len(value) == len(keep):
+                return [value[i] for i in index]
+            return value
+
+        return {k: subset(v) for k, v in batch.items()}
+
     def score_batch(self, batch: dict, faces: FaceScorePool) -> None:
         """Score one batch: the face metrics go to the pool first, so the dlib ResNet runs while this
         process computes the image metrics; rows wait in :attr:`pending` for their face scores."""
@@ -457,11 +481,17 @@ class EvalJob:
     def report(self) -> EvalReport:
         from unmask_cli.metrics import summarize
 
+        if not self.rows and self.n_no_mask:
+            raise UnmaskError(f"no face of the '{self.split}' split wears a mask: nothing to score", self.data_root)
         if not self.rows:
             raise UnmaskError(f"none of the {self.n_total} images of the '{self.split}' split could be read "
                               f"(first: {self.skipped[0]['error']})", self.data_root)
         summary = {name: {k: summarize([row["methods"][name][k] for row in self.rows]) for k in METRICS}
                    for name in self.methods}
+        no_mask = self.n_no_mask
+        if no_mask:
+            self.note = "; ".join(filter(None, [self.note, f"{no_mask} faces without a mask (empty map: bare "
+                                                          "faces, look-alikes) are not scored"]))
         m = self.model
         return EvalReport(
             checkpoint=self.checkpoint, epoch=m.epoch, global_step=m.global_step, data=self.data_root,
