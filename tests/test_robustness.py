@@ -969,10 +969,10 @@ def test_ctrl_c_during_infer_is_one_line_and_a_rerun_finishes(cli, tmp_path, fac
     'interrupted' line, exit 130, no partial file; the rerun keeps what was done and does the rest."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    count = 40
+    count = 80  # one face per batch: outputs appear one by one, and most are still to come at the interrupt
     for i in range(count):
         write(src / f"p{i:02d}.jpg", jpeg_bytes(face_tile, quality=80 + i % 10))
-    running = cli.start("infer", src, out, "--checkpoint", ckpts["plain"], "--device", "cpu")
+    running = cli.start("infer", src, out, "--checkpoint", ckpts["plain"], "--device", "cpu", "--batch-size", "1")
     deadline = time.monotonic() + 240
     while not list(out.glob("p*.jpg")) and running.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
