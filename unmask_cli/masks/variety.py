@@ -69,7 +69,7 @@ def vary_design(design: Design, frame: FaceFrame, rng: np.random.Generator) -> D
 
 def random_colour(rng: np.random.Generator) -> np.ndarray:
     """Any colour, 0-255 float: hue uniform, saturation and value broad (greys and blacks included)."""
-    hsv = np.array([[[rng.uniform(0, 180), rng.uniform(0, 255) ** 1.0 * rng.uniform(0.3, 1.0),
+    hsv = np.array([[[rng.uniform(0, 180), rng.uniform(0, 255) * rng.uniform(0.3, 1.0),
                       rng.uniform(25, 250)]]], dtype=np.float32)
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
 
