@@ -127,10 +127,6 @@ class InferSummary:
     no_face: int = 0  # photos without a usable face: copied through byte for byte
     unchanged: int = 0  # photos/crops with faces but none wearing a mask: copied through
     already_done: int = 0  # outputs an earlier run made with the same model and settings, intact: not redone
-    redone_corrupt: int = 0  # outputs that were there but not as written (zero-byte, truncated, edited): redone
-    redone_changed_settings: int = 0  # outputs made with another model or other settings: redone
-    redone_changed_input: int = 0  # outputs of an input that changed since: redone
-    redone_unrecorded: int = 0  # outputs with no record of how they were made: redone
     redone_files: list[tuple[str, str]] = field(default_factory=list)  # (file, a REDO_REASONS key)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     skipped_files: list[tuple[str, str, str]] = field(default_factory=list)  # (file, reason, message)
@@ -140,10 +136,29 @@ class InferSummary:
     global_step: int = 0  # the loaded checkpoint's training steps
     release_sha256: str | None = None  # a release file's sha256, verified against its sidecar when loaded
 
+    def redone_for(self, reason: str) -> int:
+        """Outputs redone for one of the REDO_REASONS."""
+        return sum(1 for _, why in self.redone_files if why == reason)
+
     @property
     def redone(self) -> int:
-        return (self.redone_corrupt + self.redone_changed_settings + self.redone_changed_input
-                + self.redone_unrecorded)
+        return len(self.redone_files)
+
+    @property
+    def redone_corrupt(self) -> int:  # zero-byte, truncated or edited since written
+        return self.redone_for("corrupt")
+
+    @property
+    def redone_changed_settings(self) -> int:  # made with another model or other settings
+        return self.redone_for("changed settings")
+
+    @property
+    def redone_changed_input(self) -> int:  # the input changed since
+        return self.redone_for("changed input")
+
+    @property
+    def redone_unrecorded(self) -> int:  # no record of how it was made
+        return self.redone_for("unrecorded")
 
     @property
     def handled(self) -> int:
@@ -786,8 +801,6 @@ class InferJob:
         """Record an item's files (the output first), and count it as redone when it replaced one."""
         self.record.add(item.path.name, item.identity, files)
         if item.redo is not None:
-            name = "redone_" + item.redo.replace(" ", "_")
-            setattr(self.summary, name, getattr(self.summary, name) + 1)
             self.summary.redone_files.append((item.path.name, item.redo))
 
     def write_side(self, item: _Item, result: np.ndarray, used_map: np.ndarray) -> dict[Path, bytes]:
@@ -866,7 +879,7 @@ def summary_table(summary: InferSummary, max_listed: int = 10):
     if summary.already_done:
         table.add_row("already done (skipped)", str(summary.already_done))
     for reason, words in REDO_REASONS.items():
-        count = getattr(summary, "redone_" + reason.replace(" ", "_"))
+        count = summary.redone_for(reason)
         if count:
             table.add_row(f"[yellow]redone: {words}[/]", f"[yellow]{count}[/]")
             named = [name for name, why in summary.redone_files if why == reason]

@@ -74,8 +74,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face: int, detector: str,
-                 alignment: str, crop: float, weights, variety: bool, parent_dies: bool,
-                 degrade: float = 0.0) -> None:
+                 alignment: str, crop: float, weights, variety: bool, degrade: float, parent_dies: bool) -> None:
     import cv2
 
     cv2.setNumThreads(1)
@@ -274,10 +273,10 @@ class _Pool:
         if workers > 1:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
             if method == "fork":  # load dlib models once; children share them copy-on-write
-                _init_worker(*initargs[:-2], False, initargs[-1])
+                _init_worker(*initargs[:-1], False)
             self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, initargs)
         else:
-            _init_worker(*initargs[:-2], False, initargs[-1])
+            _init_worker(*initargs[:-1], False)
 
     def imap(self, fn, tasks):
         if self.pool is None:
@@ -375,7 +374,7 @@ def run_prepare(pc: PrepareConfig, out: str | os.PathLike, progress=None) -> Pre
     done = {r["source"] for r in writer.records}
     pending = [(k, p) for k, p in items if k not in done and k not in writer.skipped]
     pool = _Pool(pc.workers, (pc.size, pc.landmarks, pc.upsample, pc.min_face, pc.detector, pc.alignment,
-                              pc.crop, weights, pc.mask_variety, True, pc.degrade))
+                              pc.crop, weights, pc.mask_variety, pc.degrade, True))
     try:
         if not writer.full and pending:
             for result in pool.imap(_process_source, ((k, p, pc.seed, pc.all_faces) for k, p in pending)):
@@ -460,7 +459,7 @@ def preview(opts: PrepareConfig, count: int, sheet_path: Path) -> int:
 
     weights = parse_mask_types(opts.mask_types)
     _init_worker(opts.size, opts.landmarks, opts.upsample, opts.min_face, opts.detector, opts.alignment,
-                 opts.crop, weights, opts.mask_variety, False)
+                 opts.crop, weights, opts.mask_variety, opts.degrade, False)
     items = _source_items(opts)
     rng = np.random.default_rng(opts.seed)
     order = rng.permutation(len(items))
