@@ -97,7 +97,7 @@ def prepare(
     recursive: Annotated[bool | None, typer.Option("--recursive/--no-recursive", help="Also read photos in sub-folders of --source." + _default("prepare.recursive"), show_default=False)] = None,
     landmarks: Annotated[Path | None, typer.Option(help="dlib 68-landmark model file; none = from face-recognition-models, or $UNMASK_LANDMARKS." + _default("prepare.landmarks"))] = None,
     detector: Annotated[str | None, typer.Option(help="Face detector: yunet (OpenCV's YuNet, shipped), hog, cnn (dlib) or hog+cnn." + _default("prepare.detector"))] = None,
-    alignment: Annotated[str | None, typer.Option(help="visible (from the eyes: a masked face gets the same crop as its unmasked photo) or ffhq (eyes and mouth, the alignment before 'visible'). Recorded in the dataset and in checkpoints trained on it." + _default("prepare.alignment"))] = None,
+    alignment: Annotated[str | None, typer.Option(help="visible (from the eyes: a masked face gets the same crop as its unmasked photo), visible-neck (the same square moved down, so that with --crop 1.1 a mask reaching the neck stays inside; the shipped model's) or ffhq (eyes and mouth, the alignment before 'visible'). Recorded in the dataset and in checkpoints trained on it." + _default("prepare.alignment"))] = None,
     crop: Annotated[float | None, typer.Option(help="Side of the crop square as a factor of the alignment square: 1.0 = FFHQ-sized (the face fills the middle half), 0.7 = the face fills the frame. Recorded like --alignment." + _default("prepare.crop"))] = None,
     preview: Annotated[int | None, typer.Option(help="Write a contact sheet of N random samples to --out (a .png) instead of a dataset.")] = None,
     config: ConfigOpt = None,
