@@ -8,8 +8,8 @@ Two training distributions side by side ("conditions"):
 * ``before``: the v1 release's data: the four realistic designed styles (surgical:3,cloth:2,n95:1,kn95:1)
   as drawn, the ``visible`` alignment, crop 0.7;
 * ``after``: configs/release.yaml's ``prepare`` section: every style with a varied outline and look,
-  free-form holes, bare faces and look-alikes, photo degradations, the ``visible-neck`` alignment,
-  crop 1.1.
+  free-form holes, bare faces and look-alikes, photo degradations, synthetic surroundings past tight
+  source crops, the ``visible-neck`` alignment, crop 1.1.
 
 For each condition and each left-out family (``n95`` = n95 + kn95, ``cloth``, ``surgical``, ``rect`` =
 rect + oval, ``freeform``), a model is trained from scratch on that condition's mask mix without the
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 FAMILIES = {"surgical": ("surgical",), "cloth": ("cloth",), "n95": ("n95", "kn95"), "rect": ("rect", "oval"),
             "freeform": ("freeform",)}
 BEFORE = {"mask_types": "surgical:3,cloth:2,n95:1,kn95:1", "mask_variety": False, "alignment": "visible",
-          "crop": 0.7, "degrade": 0.0}
+          "crop": 0.7, "degrade": 0.0, "backdrop": 0.0}
 
 
 def condition_settings(name: str) -> dict:
@@ -56,7 +56,7 @@ def condition_settings(name: str) -> dict:
 
     pc = load_config(REPO / "configs" / "release.yaml").prepare
     return {"mask_types": pc.mask_types, "mask_variety": pc.mask_variety, "alignment": pc.alignment, "crop": pc.crop,
-            "degrade": pc.degrade}
+            "degrade": pc.degrade, "backdrop": pc.backdrop}
 
 
 def without(mask_types: str, family: str) -> str:
@@ -87,7 +87,8 @@ def prepare(source: Path, out: Path, settings: dict, mask_types: str, images: in
 
     pc = PrepareConfig(source=str(source), num_samples=images, size=128, workers=workers, mask_types=mask_types,
                        mask_variety=settings["mask_variety"], alignment=settings["alignment"],
-                       crop=settings["crop"], degrade=settings["degrade"], val_fraction=0.04, test_fraction=0.08)
+                       crop=settings["crop"], degrade=settings["degrade"], backdrop=settings["backdrop"],
+                       val_fraction=0.04, test_fraction=0.08)
     run_prepare(pc, out)
     return out
 

@@ -232,7 +232,7 @@ import unmask_cli.cli as cli
 import unmask_cli.inference
 import unmask_cli.prepare
 unmask_cli.inference._aligner(None, "yunet", "visible")  # face models, loaded once (both jobs keep them per process)
-unmask_cli.prepare._init_worker(64, None, 1, 32, "yunet", "visible", 1.0, None, False, 0.0, False)  # 64-px; another size reloads
+unmask_cli.prepare._init_worker(64, None, 1, 32, "yunet", "visible", 1.0, None, False, 0.0, 0.0, False)  # 64-px; another size reloads
 for name in ("prepare", "inference", "evaluation", "training", "identity", "vgg", "faces", "masks", "data",
              "checkpoints", "metrics", "baselines", "models", "losses", "config", "fileio"):
     __import__("unmask_cli." + name)

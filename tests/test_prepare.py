@@ -306,3 +306,33 @@ def test_degraded_samples_keep_the_pair_rule_and_record_the_chain(tmp_path, sour
                               read_mask(degraded / MASK_DIR / f"{stem}.png", (96, 96)))
         assert not np.array_equal(read_image(plain / ORIGINAL_DIR / f"{stem}.png"),
                                   read_image(degraded / ORIGINAL_DIR / f"{stem}.png"))
+
+
+def test_backdrop_paints_a_scene_past_a_tight_crop_and_leaves_the_face(tmp_path, astronaut):
+    """prepare.backdrop: where the crop reaches past a tightly cropped source photo, a synthetic scene
+    (background, shoulders, neck) replaces the smear; the face, the masks and the pair rule stay."""
+    import cv2
+
+    src = tmp_path / "tight"
+    src.mkdir()
+    write_jpeg(src / "face.jpg", astronaut[40:290, 150:350])  # the face fills the photo, like UTKFace's crops
+    smear, scene = tmp_path / "smear", tmp_path / "scene"
+    common = dict(source=str(src), num_samples=3, size=96, mask_types="surgical", alignment="visible-neck",
+                  crop=1.1)
+    run_prepare(PrepareConfig(**common), smear)
+    run_prepare(PrepareConfig(**common, backdrop=1.0), scene)
+    records = check_dataset(scene, 3, 96)
+    assert all("backdrop" in r["mask"] and r["border_fraction"] > 0.1 for r in records)
+    matrix = np.asarray(records[0]["matrix"])
+    inside = cv2.warpAffine(np.ones((250, 200), np.uint8), matrix, (96, 96), flags=cv2.INTER_NEAREST)
+    deep = cv2.erode(inside, np.ones((21, 21), np.uint8)) > 0  # beyond the band where the photo fades out
+    plain = read_image(smear / ORIGINAL_DIR / "000000.png").astype(int)
+    painted = read_image(scene / ORIGINAL_DIR / "000000.png").astype(int)
+    assert deep.sum() > 500 and np.abs(plain - painted)[deep].max() <= 1
+    assert np.abs(plain - painted)[inside == 0].mean() > 10  # a scene, not the smear
+    for stem in ("000000", "000001", "000002"):
+        assert np.array_equal(read_mask(smear / MASK_DIR / f"{stem}.png", (96, 96)),
+                              read_mask(scene / MASK_DIR / f"{stem}.png", (96, 96)))
+    again = tmp_path / "again"
+    run_prepare(PrepareConfig(**common, backdrop=1.0), again)
+    assert (again / MASKED_DIR / "000001.png").read_bytes() == (scene / MASKED_DIR / "000001.png").read_bytes()

@@ -725,6 +725,14 @@ def test_bad_option_value_is_one_line_naming_it_exit_2(cli, tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option", ["--degrade", "--backdrop"])
+def test_bad_prepare_share_is_one_line_naming_it_exit_2(cli, tmp_path, option):
+    key = f"prepare.{option[2:]}"
+    line = cli("prepare", "--out", tmp_path / "data", option, "1.5").error_line(code=2)
+    assert line == f"error: {option}: {key} must be in [0, 1], got 1.5"
+    assert not (tmp_path / "data").exists()
+
+
 # ------------------------------------------------------------------------------- untrusted files
 
 @pytest.mark.parametrize("how", ["torch", "pickle"])

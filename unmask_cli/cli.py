@@ -93,6 +93,7 @@ def prepare(
     mask_types: Annotated[str | None, typer.Option(help="Mask styles with optional weights, e.g. 'surgical:3,cloth:2,rect'; also 'freeform' (wide free-form holes), 'bare' (no mask: an empty map) and 'lookalike' (a beard, shadow, hand, scarf or microphone: no mask)." + _default("prepare.mask_types"))] = None,
     mask_variety: Annotated[bool | None, typer.Option("--mask-variety/--designed-masks", help="Vary every style's outline (grown, shrunk, onto the neck, up to the nose bridge, past the jaw, tilted, loose) and look (any colour, prints, logos, folds, highlights, shadows, sheer and mesh parts), or draw the designs as they are." + _default("prepare.mask_variety"), show_default=False)] = None,
     degrade: Annotated[float | None, typer.Option(help="Share of samples (0-1) degraded like web photos: downscaled, blurred, noisy, JPEG-compressed, the face and its masked copy alike." + _default("prepare.degrade"))] = None,
+    backdrop: Annotated[float | None, typer.Option(help="Share of faces (0-1) whose crop reaches past the photo (tight face crops such as UTKFace's) that get a synthetic scene there, a background, shoulders in clothes and a neck, instead of a soft smear." + _default("prepare.backdrop"))] = None,
     all_faces: Annotated[bool | None, typer.Option("--all-faces/--largest-face", help="Use every detected face, or only the largest." + _default("prepare.all_faces"), show_default=False)] = None,
     recursive: Annotated[bool | None, typer.Option("--recursive/--no-recursive", help="Also read photos in sub-folders of --source." + _default("prepare.recursive"), show_default=False)] = None,
     landmarks: Annotated[Path | None, typer.Option(help="dlib 68-landmark model file; none = from face-recognition-models, or $UNMASK_LANDMARKS." + _default("prepare.landmarks"))] = None,
@@ -112,7 +113,7 @@ def prepare(
 
     options = {"prepare.source": source, "data.root": out, "prepare.num_samples": num_samples, "prepare.size": size,
                "prepare.workers": workers, "prepare.seed": seed, "prepare.mask_types": mask_types,
-               "prepare.mask_variety": mask_variety, "prepare.degrade": degrade,
+               "prepare.mask_variety": mask_variety, "prepare.degrade": degrade, "prepare.backdrop": backdrop,
                "prepare.all_faces": all_faces, "prepare.recursive": recursive, "prepare.landmarks": landmarks,
                "prepare.detector": detector, "prepare.alignment": alignment,
                "prepare.crop": crop}

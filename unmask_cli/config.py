@@ -48,6 +48,10 @@ class PrepareConfig:
     # share of samples whose face and masked copy get one random chain of photo degradations (downscale,
     # blur, noise, JPEG; unmask_cli.degrade), so the map module does not learn the crispness of synthetic masks
     degrade: float = 0.0
+    # share of faces whose crop reaches past the source photo (tight face crops) that get a synthetic scene
+    # there (background, shoulders in clothes, a neck; unmask_cli.backdrop) instead of a soft smear: real
+    # photos have surroundings, and a map module must find masks beside them
+    backdrop: float = 0.0
     all_faces: bool = False  # every detected face instead of the largest
     min_face: int = 32  # smallest usable face box (px, in the source photo)
     upsample: int = 1  # dlib detector upsampling (hog, cnn)
@@ -282,6 +286,7 @@ def _validate(cfg: Config, where: str, sources: dict[str, str] | None = None) ->
          f"prepare.alignment must be one of {', '.join(ALIGNMENTS)}"),
         (("prepare.crop",), CROPS[0] <= cfg.prepare.crop <= CROPS[1], f"prepare.crop must be in [{CROPS[0]}, {CROPS[1]}]"),
         (("prepare.degrade",), 0 <= cfg.prepare.degrade <= 1, "prepare.degrade must be in [0, 1]"),
+        (("prepare.backdrop",), 0 <= cfg.prepare.backdrop <= 1, "prepare.backdrop must be in [0, 1]"),
         (("prepare.val_fraction", "prepare.test_fraction"),
          0 <= cfg.prepare.val_fraction < 1 and 0 <= cfg.prepare.test_fraction < 1
          and cfg.prepare.val_fraction + cfg.prepare.test_fraction < 1,

@@ -509,6 +509,7 @@ class AlignedFace:
     matrix: np.ndarray  # (2, 3) float, source -> crop
     face: Face
     border_fraction: float  # share of the crop outside the source photo (see fill_border)
+    inside: np.ndarray | None = None  # (S, S) uint8: 1 where the crop lies inside the source photo
 
 
 class FaceAligner:
@@ -590,7 +591,7 @@ class FaceAligner:
         if not inside.all():
             crop = fill_border(crop, inside)
         return AlignedFace(image=crop, landmarks=transform_points(face.landmarks, matrix), matrix=matrix,
-                           face=face, border_fraction=float(1.0 - inside.mean()))
+                           face=face, border_fraction=float(1.0 - inside.mean()), inside=inside)
 
     def _check_size(self, rgb: np.ndarray, path) -> None:
         height, width = rgb.shape[:2]

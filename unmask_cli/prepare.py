@@ -74,7 +74,8 @@ _WORKER: dict = {}
 
 
 def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face: int, detector: str,
-                 alignment: str, crop: float, weights, variety: bool, degrade: float, parent_dies: bool) -> None:
+                 alignment: str, crop: float, weights, variety: bool, degrade: float, backdrop: float,
+                 parent_dies: bool) -> None:
     import cv2
 
     cv2.setNumThreads(1)
@@ -100,6 +101,7 @@ def _init_worker(size: int, landmarks_path: str | None, upsample: int, min_face:
     _WORKER["weights"] = weights
     _WORKER["variety"] = variety
     _WORKER["degrade"] = degrade
+    _WORKER["backdrop"] = backdrop
 
 
 def _mask_rng(seed: int, key: str, face_index: int, round_: int) -> np.random.Generator:
@@ -113,13 +115,28 @@ def _png(rgb: np.ndarray) -> bytes:
     return encode_image(rgb, ".png")
 
 
-def _render(aligned_rgb: np.ndarray, aligned_lm: np.ndarray, seed: int, key: str, face_index: int, round_: int):
+SCENE_KEYS = ("backdrop", "body")  # what unmask_cli.backdrop records
+
+
+def _surroundings(face, seed: int, key: str, face_index: int) -> tuple[np.ndarray, dict]:
+    """The aligned face, with a synthetic scene where its crop lies outside the photo for a share
+    ``prepare.backdrop`` of faces (:mod:`unmask_cli.backdrop`); its own random stream."""
+    rng = _mask_rng(seed, key, face_index, 2 * 10**6)
+    if face.border_fraction <= 0 or face.inside is None or not rng.random() < _WORKER["backdrop"]:
+        return face.image, {}
+    from unmask_cli.backdrop import add_backdrop
+
+    return add_backdrop(face.image, face.inside, face.landmarks, rng)
+
+
+def _render(aligned_rgb: np.ndarray, aligned_lm: np.ndarray, seed: int, key: str, face_index: int, round_: int,
+            scene_params: dict | None = None):
     from unmask_cli.masks import synthesize
 
     result = synthesize(aligned_rgb, aligned_lm, _WORKER["weights"], _mask_rng(seed, key, face_index, round_),
                         _WORKER["variety"])
     scene = aligned_rgb if result.scene is None else result.scene  # a look-alike is part of the face
-    masked, params = result.masked, {"style": result.style, **result.params}
+    masked, params = result.masked, {"style": result.style, **result.params, **(scene_params or {})}
     quality = _mask_rng(seed, key, face_index, round_ + 10**6)  # its own stream: the masks stay as they were
     if _WORKER["degrade"] > 0 and quality.random() < _WORKER["degrade"]:
         from unmask_cli.degrade import degrade_pair
@@ -142,7 +159,8 @@ def _process_source(task: tuple) -> dict:
         faces = _WORKER["aligner"].faces(image, path or key, all_faces=all_faces)
         out = []
         for index, face in enumerate(faces):
-            files = _render(face.image, face.landmarks, seed, key, index, 0)
+            image, scene_params = _surroundings(face, seed, key, index)
+            files = _render(image, face.landmarks, seed, key, index, 0, scene_params)
             out.append({
                 "face_index": index,
                 "box": [int(v) for v in face.face.box],
@@ -167,9 +185,11 @@ def _process_reuse(task: tuple) -> dict:
     record, round_, root, seed = task
     original = read_image(Path(root) / ORIGINAL_DIR / f"{record['stem']}.png")
     lm = np.asarray(record["aligned_landmarks"], dtype=np.float64)
+    scene = {k: record["mask"][k] for k in SCENE_KEYS if k in record["mask"]}  # it is part of the original
     for attempt in range(8):  # a jittered mask can (rarely) leave the crop: draw another, deterministically
         try:
-            files = _render(original, lm, seed, record["source"], record["face_index"], round_ + 1000 * attempt)
+            files = _render(original, lm, seed, record["source"], record["face_index"], round_ + 1000 * attempt,
+                            scene)
             break
         except BadInput:
             if attempt == 7:
@@ -219,7 +239,8 @@ def _append_skipped(root: Path, key: str, reason: str, detail: str) -> None:
 
 def _settings(opts: PrepareConfig) -> dict:
     return {"size": opts.size, "seed": opts.seed, "mask_types": opts.mask_types,
-            "mask_variety": opts.mask_variety, "degrade": opts.degrade, "all_faces": opts.all_faces,
+            "mask_variety": opts.mask_variety, "degrade": opts.degrade, "backdrop": opts.backdrop,
+            "all_faces": opts.all_faces,
             "alignment": opts.alignment, "crop": opts.crop, "detector": opts.detector,
             "source": str(Path(opts.source).resolve()) if opts.source else "builtin",
             "val_fraction": opts.val_fraction,
@@ -241,7 +262,8 @@ def _check_resume(root: Path, opts: PrepareConfig, have: int) -> None:
     old.setdefault("crop", LEGACY_CROP)
     old.setdefault("mask_variety", False)
     old.setdefault("degrade", 0.0)
-    changed = [k for k in ("size", "seed", "mask_types", "mask_variety", "degrade", "all_faces", "source",
+    old.setdefault("backdrop", 0.0)
+    changed = [k for k in ("size", "seed", "mask_types", "mask_variety", "degrade", "backdrop", "all_faces", "source",
                            "alignment", "crop")
                if k in old and old[k] != new[k]]
     if changed:
@@ -374,7 +396,7 @@ def run_prepare(pc: PrepareConfig, out: str | os.PathLike, progress=None) -> Pre
     done = {r["source"] for r in writer.records}
     pending = [(k, p) for k, p in items if k not in done and k not in writer.skipped]
     pool = _Pool(pc.workers, (pc.size, pc.landmarks, pc.upsample, pc.min_face, pc.detector, pc.alignment,
-                              pc.crop, weights, pc.mask_variety, pc.degrade, True))
+                              pc.crop, weights, pc.mask_variety, pc.degrade, pc.backdrop, True))
     try:
         if not writer.full and pending:
             for result in pool.imap(_process_source, ((k, p, pc.seed, pc.all_faces) for k, p in pending)):
@@ -459,7 +481,7 @@ def preview(opts: PrepareConfig, count: int, sheet_path: Path) -> int:
 
     weights = parse_mask_types(opts.mask_types)
     _init_worker(opts.size, opts.landmarks, opts.upsample, opts.min_face, opts.detector, opts.alignment,
-                 opts.crop, weights, opts.mask_variety, opts.degrade, False)
+                 opts.crop, weights, opts.mask_variety, opts.degrade, opts.backdrop, False)
     items = _source_items(opts)
     rng = np.random.default_rng(opts.seed)
     order = rng.permutation(len(items))
@@ -471,9 +493,10 @@ def preview(opts: PrepareConfig, count: int, sheet_path: Path) -> int:
         except BadInput:
             continue
         for face_index, face in enumerate(faces):
-            result = synthesize(face.image, face.landmarks, weights, _mask_rng(opts.seed, key, face_index, 0),
+            image, _ = _surroundings(face, opts.seed, key, face_index)
+            result = synthesize(image, face.landmarks, weights, _mask_rng(opts.seed, key, face_index, 0),
                                 opts.mask_variety)
-            rows.append((face.image if result.scene is None else result.scene, result.masked, result.mask))
+            rows.append((image if result.scene is None else result.scene, result.masked, result.mask))
         if len(rows) >= count:
             break
     if not rows:
