@@ -370,3 +370,38 @@ def test_faces_without_a_mask_are_not_scored(checkpoint: Path, tmp_path: Path):
                       baselines="telea,masked")
     assert report.n_images == len(styles) - bare and f"{bare} faces without a mask" in report.note
     assert all(row["mask_fraction"] > 0 for row in report.per_image)
+    finding = json.loads((tmp_path / "out" / "metrics.json").read_text())["mask_finding"]
+    assert finding["masked_faces"] == len(styles) - bare and finding["faces_without_a_mask"] == bare
+    assert 0 <= finding["found"] <= finding["masked_faces"] and 0 <= finding["map_iou"] <= 1
+
+
+def test_mask_finding_is_scored_the_way_infer_decides(checkpoint: Path, tmp_path: Path):
+    """eval scores the map module's mask / no-mask decision with infer's rule (inference.mask_decision at
+    eval.threshold and eval.min_mask_area): its counts are those of the maps recomputed here."""
+    from unmask_cli.checkpoints import build_networks_from_checkpoint
+    from unmask_cli.config import PrepareConfig
+    from unmask_cli.data import PairedDataset
+    from unmask_cli.inference import mask_decision
+    from unmask_cli.prepare import run_prepare
+
+    data = tmp_path / "mixed"
+    run_prepare(PrepareConfig(num_samples=6, size=SIZE, mask_types="rect,bare", val_fraction=0,
+                              test_fraction=0, seed=1), data)
+    M = build_networks_from_checkpoint(checkpoint, "cpu").M.eval()
+    samples = [PairedDataset(data, None, SIZE)[i] for i in range(6)]
+    with torch.no_grad():
+        probs = torch.sigmoid(M(torch.stack([s["masked"] for s in samples])))[:, 0].numpy()
+    truth = [s["mask"][0].numpy() > 0.5 for s in samples]
+    threshold = float(np.median(probs))  # thresholds and areas where this barely trained map module's
+    maps = probs > threshold  # decisions split, so that a rule not applied would show
+    area = float(np.median(maps.mean(axis=(1, 2))))
+    decisions = {}
+    for min_area in (0.0, area):
+        finding = evaluate(checkpoint, data, split="all", out=tmp_path / f"a{min_area}", device="cpu",
+                           sheet_images=0, baselines="masked", threshold=threshold, min_mask_area=min_area).mask_finding
+        decided = decisions[min_area] = [mask_decision(m, min_area).any() for m in maps]
+        assert finding.masked == sum(t.any() for t in truth) > 0 and finding.bare == 6 - finding.masked > 0
+        assert finding.found == sum(d for d, t in zip(decided, truth, strict=True) if t.any())
+        assert finding.left_alone == sum(not d for d, t in zip(decided, truth, strict=True) if not t.any())
+        assert f"min area {min_area:g}" in finding.describe()
+    assert decisions[0.0] != decisions[area]

@@ -155,6 +155,9 @@ class EvalConfig:
     sheet_images: int = 8  # rows in comparison.png; 0 = none
     baselines: str = "telea,ns,biharmonic,masked"  # classical methods scored beside the GAN
     ema: bool = True  # score the moving average of G when the checkpoint has one
+    # the map module's mask / no-mask decision is scored as infer makes it (see infer.min_mask_area)
+    threshold: float = 0.5
+    min_mask_area: float = 0.04
 
 
 @dataclass
@@ -295,6 +298,8 @@ def _validate(cfg: Config, where: str, sources: dict[str, str] | None = None) ->
         (("eval.batch_size",), cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (("eval.max_images", "eval.sheet_images"), cfg.eval.max_images >= 0 and cfg.eval.sheet_images >= 0,
          "eval.max_images and eval.sheet_images must be >= 0"),
+        (("eval.threshold",), 0 < cfg.eval.threshold < 1, "eval.threshold must be in (0, 1)"),
+        (("eval.min_mask_area",), 0 <= cfg.eval.min_mask_area < 1, "eval.min_mask_area must be in [0, 1)"),
         (("infer.batch_size",), cfg.infer.batch_size >= 1, "infer.batch_size must be >= 1"),
         (("infer.threshold",), 0 < cfg.infer.threshold < 1, "infer.threshold must be in (0, 1)"),
         (("infer.min_mask_area",), 0 <= cfg.infer.min_mask_area < 1, "infer.min_mask_area must be in [0, 1)"),

@@ -87,6 +87,46 @@ SHEET_PADDING = 2
 
 
 @dataclass
+class MaskFinding:
+    """The map module's decisions over a split, made the way ``unmask infer`` makes them: on faces that
+    wear a mask, how many it found and the IoU of its map; on faces without one, how many it left alone."""
+
+    threshold: float
+    min_mask_area: float
+    masked: int = 0
+    found: int = 0
+    iou_sum: float = 0.0
+    bare: int = 0
+    left_alone: int = 0
+
+    def add(self, truth: np.ndarray, predicted: np.ndarray, decided: np.ndarray) -> None:
+        if truth.any():
+            self.masked += 1
+            self.found += bool(decided.any())
+            self.iou_sum += float((predicted & truth).sum() / (predicted | truth).sum())
+        else:
+            self.bare += 1
+            self.left_alone += not decided.any()
+
+    def as_dict(self) -> dict:
+        return {"threshold": self.threshold, "min_mask_area": self.min_mask_area,
+                "masked_faces": self.masked, "found": self.found,
+                "map_iou": self.iou_sum / self.masked if self.masked else None,
+                "faces_without_a_mask": self.bare, "left_alone": self.left_alone}
+
+    def describe(self) -> str:
+        parts = []
+        if self.masked:
+            parts.append(f"a mask found on {self.found}/{self.masked} masked faces "
+                         f"({100 * self.found / self.masked:.1f}%, map IoU {self.iou_sum / self.masked:.3f})")
+        if self.bare:
+            parts.append(f"{self.left_alone}/{self.bare} faces without a mask left alone "
+                         f"({100 * self.left_alone / self.bare:.1f}%)")
+        return (f"map module (threshold {self.threshold:g}, min area {self.min_mask_area:g}): "
+                + "; ".join(parts))
+
+
+@dataclass
 class EvalReport:
     checkpoint: Path
     epoch: int
@@ -109,6 +149,7 @@ class EvalReport:
     seconds: float = 0.0
     note: str = ""
     skipped: list[dict] = field(default_factory=list)  # {"stem", "error"}: samples that could not be read
+    mask_finding: MaskFinding | None = None  # None: the checkpoint has no map module
 
     def mean(self, method: str, metric: str) -> float | None:
         return self.summary[method][metric]["mean"]
@@ -225,6 +266,7 @@ def run_eval(cfg: EvalConfig, progress=None) -> EvalReport:
     workers = job.face_workers()
     with FaceScorePool(workers) as faces, job.torch_threads(workers):
         for batch in job.batches(progress):
+            job.find_masks(batch)
             batch = job.with_masks(batch)
             if batch is not None:
                 job.score_batch(batch, faces)
@@ -311,6 +353,7 @@ class EvalJob:
             self.dataset.stems = self.dataset.stems[: self.cfg.max_images]
         self.n_total = len(self.dataset.stems)
         self.n_no_mask = 0  # faces without a mask (empty map): not scored
+        self.finding = MaskFinding(self.cfg.threshold, self.cfg.min_mask_area) if self.model.M is not None else None
         out = self.cfg.out
         # the shipped model lives inside the package: its reports go under runs/ in the working folder
         default = Path("runs") / f"eval_shipped_{self.split}" if self.shipped else self.checkpoint.parent / f"eval_{self.split}"
@@ -412,6 +455,19 @@ class EvalJob:
         with torch.no_grad():
             return feature_maps(self.features, images.to(device=param.device, dtype=param.dtype), self.layers)
 
+    def find_masks(self, batch: dict) -> None:
+        """Score the map module's decision on every face of the batch, with or without a mask."""
+        from unmask_cli.inference import mask_decision
+        from unmask_cli.models import predict_map
+
+        if self.finding is None:
+            return
+        with torch.no_grad():
+            predicted = predict_map(self.model.M, batch["masked"].to(self.device), self.cfg.threshold)
+        predicted = predicted[:, 0].cpu().numpy() > 0.5
+        for truth, pred in zip(batch["mask"][:, 0].numpy() > 0.5, predicted, strict=True):
+            self.finding.add(truth, pred, mask_decision(pred, self.cfg.min_mask_area))
+
     def with_masks(self, batch: dict) -> dict | None:
         """The batch without its faces that wear no mask (bare faces and look-alikes of ``prepare``: an
         empty map, nothing to fill, every method scores perfectly on them); counted in the report's note."""
@@ -498,7 +554,7 @@ class EvalJob:
             split=self.split, n_images=len(self.rows), image_size=self.size, weights=m.weights,
             vgg=self.vgg_description, vgg_random=self.vgg_random, train_vgg=m.vgg, device=str(self.device),
             identity_landmarks=self.identity_landmarks(), methods=self.methods, summary=summary,
-            per_image=self.rows, out=self.out, note=self.note, skipped=self.skipped,
+            per_image=self.rows, out=self.out, note=self.note, skipped=self.skipped, mask_finding=self.finding,
         )
 
     def write_outputs(self, report: EvalReport) -> dict[str, Path]:
@@ -525,7 +581,9 @@ def _write_outputs(report: EvalReport, layers: list[int], spec: str, sheet: list
         **header, "methods": report.methods,
         "metrics": {k: {"label": v.label, "higher_is_better": v.higher_is_better, "region": v.region}
                     for k, v in METRICS.items()},
-        "summary": report.summary, "per_image": report.per_image, "skipped": report.skipped,
+        "summary": report.summary,
+        "mask_finding": report.mask_finding.as_dict() if report.mask_finding is not None else None,
+        "per_image": report.per_image, "skipped": report.skipped,
     }
     atomic_write_text(files["metrics"], json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
 
@@ -673,6 +731,8 @@ def report_caption(report: EvalReport):
     if report.vgg_random:
         text.append("  <- random VGG weights: FD values are NOT meaningful", style="bold red")
     text.append(f"\nidentity: {report.identity_landmarks}; ID dist < 0.6 = same person (dlib); output = composite")
+    if report.mask_finding is not None:
+        text.append(f"\n{report.mask_finding.describe()}")
     if report.note:
         text.append(f"\n{report.note}", style="yellow")
     if report.skipped:
