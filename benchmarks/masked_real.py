@@ -15,7 +15,8 @@ Per face that infer found (the same detector, alignment and crop, re-run here fo
   line below the mouth, a tenth of the face's height wide, where a mask's bottom edge lies) that was not
   repainted: a mask whose bottom edge stays leaves this band.
 
-Prints the share of faces removed and of photos with at least one face removed, and writes
+Prints the share of faces removed (also by the face's size in the photo) and of photos with at least one
+face removed, and writes
 WORK/sheet.png: 48 photos (input | output, a green outline where a face counted as removed, red where not)
 for checking by eye. The photos are research-use web images: the sheet stays under WORK, never in git.
 """
@@ -31,6 +32,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+SIZES = {"32-63 px": 64, "64-127 px": 128, "128+ px": 10**9}  # face box side in the photo: label -> below
+
+
+def size_label(side: int) -> str:
+    return next(label for label, below in SIZES.items() if side < below)
 
 
 def lower_face(landmarks: np.ndarray) -> np.ndarray:
@@ -130,6 +138,7 @@ def main() -> None:
     parser.add_argument("--outside", type=float, default=0.25)
     parser.add_argument("--untouched", type=float, default=0.05, help="below this share of the lower face "
                         "repainted, a face counts as judged 'no mask'")
+    parser.add_argument("--min-mask-area", type=float, default=None, help="infer.min_mask_area (default: infer's)")
     parser.add_argument("--sheet", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -145,13 +154,15 @@ def main() -> None:
     checkpoint = resolve_model(args.checkpoint)
     out = args.work / "out"
     start = time.perf_counter()
-    summary = run_infer(InferConfig(checkpoint=str(checkpoint), device="cpu", overwrite=True), source, out)
+    extra = {} if args.min_mask_area is None else {"min_mask_area": args.min_mask_area}
+    summary = run_infer(InferConfig(checkpoint=str(checkpoint), device="cpu", overwrite=True, **extra), source, out)
     seconds = time.perf_counter() - start
     model = build_networks_from_checkpoint(checkpoint)
     finder = _aligner(None, "yunet", model.alignment, model.crop)
 
     faces_total = removed = photos_removed = photos_with_face = no_mask = 0
     rows, covers, edges = [], [], []
+    by_size = {label: [0, 0] for label in SIZES}  # faces, removed
     for path in list_files(source):
         try:
             photo = read_image(path)
@@ -170,6 +181,10 @@ def main() -> None:
         covers += [s["cover"] for s in scores]
         no_mask += sum(s["no_mask"] for s in scores)
         edges += [s["edge_left"] for s in scores if s["removed"]]
+        for face, score in zip(found, scores, strict=True):
+            bucket = by_size[size_label(face.side)]
+            bucket[0] += 1
+            bucket[1] += score["removed"]
         rows.append((photo, output, found, scores))
     photos = summary.files
     result = {
@@ -181,6 +196,8 @@ def main() -> None:
         "lower_edge_left_mean": float(np.mean(edges)) if edges else 0.0,
         "lower_edge_left_median": float(np.median(edges)) if edges else 0.0,
         "removed_with_edge_left_over_half": int(sum(e > 0.5 for e in edges)),
+        "removed_by_face_size": {label: {"faces": n, "removed": k, "share": k / max(1, n)}
+                                 for label, (n, k) in by_size.items()},
         "infer_seconds": seconds, "photos_per_second": photos / seconds,
         "criteria": {"changed_levels": args.changed, "cover": args.cover, "outside": args.outside,
                      "untouched": args.untouched},

@@ -357,6 +357,36 @@ def test_unreadable_sample_is_a_one_line_error(tmp_path, workers):
 
 # ----------------------------------------------------------------------------------------- resume
 
+def test_map_augment_redraws_a_photo_quality_change_per_image(astronaut):
+    """train.map_augment: a share of the map module's inputs get their own random tone, blur or rescale
+    and noise, drawn from torch's global generator (so a checkpoint's RNG state replays them); the input
+    batch is left as it was."""
+    import cv2
+
+    from unmask_cli.augment import photometric
+    from unmask_cli.tensors import from_uint8
+
+    faces = np.stack([cv2.resize(np.roll(astronaut, 40 * i, axis=1), (64, 64)) for i in range(6)])
+    x = from_uint8(torch.from_numpy(faces))
+    before = x.clone()
+    assert photometric(x, 0.0) is x
+    torch.manual_seed(3)
+    a = photometric(x, 1.0)
+    after_a = torch.get_rng_state()
+    torch.manual_seed(3)
+    b = photometric(x, 1.0)
+    assert torch.equal(a, b) and torch.equal(x, before) and torch.equal(torch.get_rng_state(), after_a)
+    assert a.shape == x.shape and a.dtype == x.dtype and -1 <= a.min() and a.max() <= 1
+    changed = (a - x).abs().flatten(1).mean(1)
+    assert (changed > 0.01).all()  # every image, each its own way
+    assert len({round(float(c), 4) for c in changed}) == len(changed)
+    assert not torch.equal(photometric(x, 1.0), a)  # the next step draws afresh
+    torch.manual_seed(3)
+    some = photometric(x, 0.5)
+    untouched = [torch.equal(some[i], x[i]) for i in range(len(x))]
+    assert any(untouched) and not all(untouched)
+
+
 class SignalAt(TrainHooks):
     """Deliver ``signum`` to this process as the ``calls``-th training step starts (like a Ctrl-C/kill)."""
 
@@ -371,8 +401,9 @@ class SignalAt(TrainHooks):
 
 @pytest.mark.parametrize("how", ["sigint-mid-epoch", "sigterm-mid-epoch", "epoch-boundary"])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, data_root, how):
-    # 6 training images, batch 2 -> 3 steps per epoch, 3 epochs; dropout, the VGG term and the EMA are on
-    overrides = ("train.epochs=3", "model.dropout=0.5", "train.ema_decay=0.9")
+    # 6 training images, batch 2 -> 3 steps per epoch, 3 epochs; dropout, the VGG term, the EMA and the map
+    # module's random augmentation are on
+    overrides = ("train.epochs=3", "model.dropout=0.5", "train.ema_decay=0.9", "train.map_augment=0.7")
     full = tmp_path / "full"
     train(cfg_with(*overrides), full, data_root, device_spec="cpu", console=quiet())
 

@@ -138,6 +138,9 @@ class TrainConfig:
     # architecture; optimizers, step count and EMA start fresh): fine-tuning on new data or another framing.
     # Only for a new run: a resumed run continues from its own checkpoint.
     init: str | None = None
+    # share of the map module's inputs given a fresh random contrast, colour, blur or rescale, and noise at
+    # every step (unmask_cli.augment): its map must not depend on how crisp the photo is
+    map_augment: float = 0.0
 
 
 @dataclass
@@ -298,6 +301,7 @@ def _validate(cfg: Config, where: str, sources: dict[str, str] | None = None) ->
         (("eval.batch_size",), cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (("eval.max_images", "eval.sheet_images"), cfg.eval.max_images >= 0 and cfg.eval.sheet_images >= 0,
          "eval.max_images and eval.sheet_images must be >= 0"),
+        (("train.map_augment",), 0 <= cfg.train.map_augment <= 1, "train.map_augment must be in [0, 1]"),
         (("eval.threshold",), 0 < cfg.eval.threshold < 1, "eval.threshold must be in (0, 1)"),
         (("eval.min_mask_area",), 0 <= cfg.eval.min_mask_area < 1, "eval.min_mask_area must be in [0, 1)"),
         (("infer.batch_size",), cfg.infer.batch_size >= 1, "infer.batch_size must be >= 1"),

@@ -61,6 +61,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Sampler, default_collate
 
+from unmask_cli.augment import photometric
 from unmask_cli.checkpoints import (
     Checkpoint,
     capture_rng,
@@ -350,12 +351,14 @@ def train_step(batch: dict, state: TrainState, dev: DeviceSetup) -> dict[str, fl
     scaler.scale(g_total).backward()
     scaler.step(optimizers["G"])
 
-    # Map module: learns the synthetic map from the masked image alone.
+    # Map module: learns the synthetic map from the masked image alone, seen through a fresh random
+    # photo-quality change (train.map_augment) so that it does not learn how crisp the samples are.
     m_loss = g_total.new_zeros((), dtype=torch.float32)
     if "M" in nets:
         optimizers["M"].zero_grad(set_to_none=True)
+        seen = photometric(masked, state.cfg.train.map_augment)
         with dev.autocast():
-            m_loss, _ = map_loss(run["M"](masked), mask)
+            m_loss, _ = map_loss(run["M"](seen), mask)
         scaler.scale(state.cfg.loss.lambda_map * m_loss).backward()
         scaler.step(optimizers["M"])
     scaler.update()
