@@ -117,8 +117,9 @@ def main() -> None:
     parser.add_argument("--bare", type=Path, default=SHARED / "utkface_extra")
     parser.add_argument("--bare-last", type=int, default=1000, help="only the last N photos of --bare (0 = all)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "map_robustness")
+    parser.add_argument("--min-mask-area", type=float, default=None, help="infer.min_mask_area (default: infer's)")
     args = parser.parse_args()
-    defaults = InferConfig()
+    defaults = InferConfig(**({} if args.min_mask_area is None else {"min_mask_area": args.min_mask_area}))
     changes = _changes()
     result = {"threshold": defaults.threshold, "min_mask_area": defaults.min_mask_area, "models": {}}
     for spec in args.checkpoint or ["shipped"]:
