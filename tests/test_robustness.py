@@ -977,9 +977,10 @@ def test_ctrl_c_during_infer_is_one_line_and_a_rerun_finishes(cli, tmp_path, fac
     'interrupted' line, exit 130, no partial file; the rerun keeps what was done and does the rest."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    count = 80  # one face per batch: outputs appear one by one, and most are still to come at the interrupt
+    count = 200  # one face per batch: outputs appear one by one, and most are still to come at the interrupt
+    # (even when a busy machine lets this process poll only now and then)
     for i in range(count):
-        write(src / f"p{i:02d}.jpg", jpeg_bytes(face_tile, quality=80 + i % 10))
+        write(src / f"p{i:03d}.jpg", jpeg_bytes(face_tile, quality=80 + i % 10))
     running = cli.start("infer", src, out, "--checkpoint", ckpts["plain"], "--device", "cpu", "--batch-size", "1")
     deadline = time.monotonic() + 240
     while not list(out.glob("p*.jpg")) and running.poll() is None and time.monotonic() < deadline:
@@ -991,11 +992,11 @@ def test_ctrl_c_during_infer_is_one_line_and_a_rerun_finishes(cli, tmp_path, fac
     done = sorted(p.name for p in out.glob("p*.jpg"))
     assert 0 < len(done) < count, "the run ended before the interrupt: give it more photos"
     again = cli("infer", src, out, "--checkpoint", ckpts["plain"], "--device", "cpu").ok()
-    assert sorted(p.name for p in out.glob("p*.jpg")) == [f"p{i:02d}.jpg" for i in range(count)]
+    assert sorted(p.name for p in out.glob("p*.jpg")) == [f"p{i:03d}.jpg" for i in range(count)]
     # the outputs written before the interrupt were recorded then: kept, not redone
     assert f"already done (skipped) │ {len(done)} │" in " ".join(again.stdout.split()), again.stdout
     for i in range(count):
-        assert read_image(out / f"p{i:02d}.jpg").shape == face_tile.shape
+        assert read_image(out / f"p{i:03d}.jpg").shape == face_tile.shape
 
 
 # ------------------------------------------------------------------------------------ shared photos
