@@ -113,7 +113,8 @@ def body(scene: np.ndarray, crop: np.ndarray, landmarks: np.ndarray, rng: np.ran
 def add_backdrop(crop: np.ndarray, inside: np.ndarray, landmarks: np.ndarray,
                  rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """``crop`` (S, S, 3) uint8 with a random scene where ``inside`` (S, S, the part of the crop inside the
-    source photo) is 0, blended over a few pixels at the photo's edge. Returns it and what was drawn."""
+    source photo) is 0; the photo fades into it over a band along its edge (2 to 8 % of the crop). Returns
+    it and what was drawn."""
     size = crop.shape[0]
     scene, kind = background(size, rng)
     with_body = bool(rng.random() < 0.85)
